@@ -1,0 +1,84 @@
+"""Which implementation an op runs: the process-wide backend switch.
+
+Names:
+- ``auto`` (default): CUDA tensors -> our GPU kernels, CPU tensors -> our C++ CPU kernels.
+- ``reference``: the plain-PyTorch ops of :mod:`dino_kernels.reference` (the ground truth).
+- ``cpu``: our C++ CPU kernels (CPU tensors only).
+- ``cuda``: our GPU kernels (CUDA tensors only): the op's CUDA C++ kernel where it has one, else its Triton kernel.
+- ``triton``: our Triton kernels; on CPU tensors too when ``TRITON_INTERPRET=1`` was set before Triton was
+  imported (that is how CI proves them without a GPU).
+
+The switch is process-wide rather than thread-local on purpose: autograd runs CUDA backward passes on its own
+threads, and they must see the backend that the forward saw.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Literal
+
+import torch
+
+BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+Impl = Literal["reference", "cpu", "cuda", "triton"]
+ENV_VAR = "DINO_KERNELS_BACKEND"
+
+
+def _validate(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown dino_kernels backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    return name
+
+
+_current = _validate(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto")
+
+
+def get_backend() -> str:
+    """The backend name in force (see module docstring)."""
+    return _current
+
+
+def set_backend(name: str) -> None:
+    """Set the process-wide backend: one of ``auto``, ``reference``, ``cpu``, ``cuda``, ``triton``."""
+    global _current
+    _current = _validate(name)
+
+
+@contextmanager
+def backend(name: str) -> Iterator[None]:
+    """Context manager that runs its body under backend ``name`` and restores the previous one."""
+    previous = get_backend()
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve(device: torch.device, op: str) -> Impl:
+    """The implementation ``op`` runs for tensors on ``device`` under the current backend.
+
+    Raises ``ValueError`` when the requested backend cannot serve that device.
+    """
+    name = get_backend()
+    is_cuda = device.type == "cuda"
+    if name == "reference":
+        return "reference"
+    if name == "auto":
+        return "cuda" if is_cuda else "cpu"
+    if name == "cpu" and is_cuda:
+        raise ValueError(f"{op}: backend 'cpu' runs on CPU tensors only, got tensors on {device}")
+    if name == "cuda" and not is_cuda:
+        raise ValueError(f"{op}: backend 'cuda' runs on CUDA tensors only, got tensors on {device}")
+    if name == "triton" and not is_cuda and not triton_interpreting():
+        raise ValueError(
+            f"{op}: backend 'triton' on {device} tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
+            "before importing triton, or use CUDA tensors"
+        )
+    return name  # type: ignore[return-value]

@@ -1,0 +1,125 @@
+"""Build of the `dino_kernels._C` extension.
+
+One shared library from `csrc/`:
+- every `csrc/*.cpp` (C++ CPU kernels with OpenMP, op registration) is always built against the installed torch;
+- every `csrc/*.cu` is compiled by nvcc whenever nvcc is found, with only CUDA headers, for sm_80 and sm_90
+  (+ PTX for newer GPUs), and linked with the static CUDA runtime. This works with the CPU torch wheel too, so
+  CPU-only machines prove that the CUDA sources compile and link; the kernels run on GPU machines.
+
+Knobs: MAX_JOBS (parallel compile jobs), DINO_KERNELS_CUDA_ARCHS (default "80;90"), DINO_KERNELS_SKIP_CUDA=1.
+Install with `pip install --no-build-isolation -e .` so that the build uses (and never replaces) your torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).parent.resolve()
+CSRC = ROOT / "csrc"
+
+try:
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+except ImportError:  # pragma: no cover - exercised only on broken machines
+    sys.exit(
+        "dino-kernels needs an installed PyTorch (>= 2.4) to build its extension.\n"
+        "Install torch first (e.g. `pip install torch`), then `pip install --no-build-isolation -e .`."
+    )
+
+
+def _find_nvcc() -> str | None:
+    if os.environ.get("DINO_KERNELS_SKIP_CUDA") == "1":
+        return None
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home and (Path(home) / "bin" / "nvcc").exists():
+            return str(Path(home) / "bin" / "nvcc")
+    return shutil.which("nvcc")
+
+
+def _max_jobs() -> int:
+    return max(1, int(os.environ.get("MAX_JOBS", os.cpu_count() or 1)))
+
+
+def _cuda_archs() -> list[str]:
+    archs = os.environ.get("DINO_KERNELS_CUDA_ARCHS", "80;90")
+    return [a.strip() for a in archs.replace(",", ";").split(";") if a.strip()]
+
+
+def _cuda_lib_dir(nvcc: str) -> Path:
+    home = Path(nvcc).resolve().parent.parent
+    for sub in ("lib64", "lib", "targets/x86_64-linux/lib"):
+        if (home / sub / "libcudart_static.a").exists():
+            return home / sub
+    raise RuntimeError(f"nvcc found at {nvcc} but libcudart_static.a is not next to it; set CUDA_HOME")
+
+
+class BuildWithNvcc(BuildExtension):
+    """torch's BuildExtension for the C++ sources, plus an nvcc step for `csrc/*.cu`.
+
+    The .cu files include only CUDA headers, so they compile without a CUDA build of torch; the C++ side
+    calls them through plain `extern "C"` launchers.
+    """
+
+    def build_extension(self, ext):
+        nvcc = _find_nvcc()
+        cu_sources = sorted(CSRC.glob("*.cu"))
+        archs = _cuda_archs()
+        if nvcc and cu_sources:
+            objects = self._compile_cuda(nvcc, cu_sources, archs)
+            ext.extra_objects += [str(o) for o in objects]
+            ext.library_dirs.append(str(_cuda_lib_dir(nvcc)))
+            ext.libraries += ["cudart_static", "rt", "pthread", "dl"]
+            ext.extra_compile_args["cxx"].append("-DDINO_KERNELS_WITH_CUDA")
+        elif not nvcc:
+            print("dino-kernels: nvcc not found, building the CPU kernels only (CUDA kernels skipped).")
+        super().build_extension(ext)
+        info = {
+            "torch_version": torch.__version__,
+            "cuda_compiled": bool(nvcc and cu_sources),
+            "cuda_archs": archs if nvcc else [],
+            "nvcc": nvcc,
+        }
+        (ROOT / "dino_kernels" / "_build_info.json").write_text(json.dumps(info, indent=2) + "\n")
+
+    def _compile_cuda(self, nvcc: str, sources: list[Path], archs: list[str]) -> list[Path]:
+        out_dir = Path(self.build_temp) / "cuda"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+        gencode.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")  # PTX for newer GPUs
+        flags = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr", *gencode]
+
+        def compile_one(src: Path) -> Path:
+            obj = out_dir / (src.stem + ".o")
+            if obj.exists() and obj.stat().st_mtime > max(src.stat().st_mtime, _newest_header()):
+                return obj
+            cmd = [nvcc, *flags, "-c", str(src), "-o", str(obj)]
+            print(" ".join(cmd))
+            subprocess.run(cmd, check=True)
+            return obj
+
+        with ThreadPoolExecutor(_max_jobs()) as pool:
+            return list(pool.map(compile_one, sources))
+
+
+def _newest_header() -> float:
+    return max((h.stat().st_mtime for h in CSRC.glob("*.h")), default=0.0)
+
+
+os.environ.setdefault("MAX_JOBS", str(_max_jobs()))
+
+extension = CppExtension(
+    name="dino_kernels._C",
+    sources=sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.cpp")),
+    extra_compile_args={"cxx": ["-O3", "-fopenmp", "-std=c++17"]},
+    extra_link_args=["-fopenmp"],
+)
+
+setup(ext_modules=[extension], cmdclass={"build_ext": BuildWithNvcc.with_options(use_ninja=True)})

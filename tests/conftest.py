@@ -1,0 +1,37 @@
+"""Test setup: Triton kernels run on CPU tensors through the interpreter.
+
+TRITON_INTERPRET must be set before anything imports triton, hence at the top of the conftest.
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import dino_kernels  # noqa: E402
+
+# Implementations every op is proven under on this CPU machine: our C++ kernels (what `auto` picks for CPU
+# tensors) and our Triton kernels in the interpreter.
+CPU_BACKENDS = ("auto", "triton")
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_restore_backend():
+    torch.manual_seed(0)
+    previous = dino_kernels.get_backend()
+    yield
+    dino_kernels.set_backend(previous)
+
+
+def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """‖actual − expected‖ / ‖expected‖ in float64 (0 when both are zero)."""
+    actual, expected = actual.double(), expected.double()
+    denom = expected.norm().item()
+    diff = (actual - expected).norm().item()
+    return diff if denom == 0 else diff / denom
+
+
+# Relative-error bounds per dtype of the kernel's inputs (DEVELOPERS' standards).
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}

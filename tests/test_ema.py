@@ -1,0 +1,137 @@
+import pytest
+import torch
+from conftest import CPU_BACKENDS, TOLERANCE, rel_error
+
+import dino_kernels
+from dino_kernels import reference
+
+SHAPES = [(1,), (7,), (1000, 37), (3, 5, 7, 11), (65_537,)]
+
+
+def _expected(teacher, student, momentum):
+    """The EMA in float64 from the same (rounded) inputs."""
+    return [momentum * t.double() + (1.0 - momentum) * s.double() for t, s in zip(teacher, student)]
+
+
+def _make(shapes, teacher_dtype, student_dtype):
+    teacher = [torch.randn(shape).to(teacher_dtype) for shape in shapes]
+    student = [torch.randn(shape).to(student_dtype) for shape in shapes]
+    return teacher, student
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("momentum", [0.0, 1.0, 0.996, 0.5123])
+@pytest.mark.parametrize(
+    "teacher_dtype,student_dtype",
+    [(torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torch.float32, torch.float16),
+     (torch.float16, torch.float16), (torch.float16, torch.float32)],
+)
+def test_ema_matches_float64(backend, momentum, teacher_dtype, student_dtype):
+    teacher, student = _make(SHAPES, teacher_dtype, student_dtype)
+    expected = _expected(teacher, student, momentum)
+    with dino_kernels.backend(backend):
+        dino_kernels.ema_(teacher, student, momentum)
+    for t, e in zip(teacher, expected):
+        assert t.dtype == teacher_dtype
+        # One rounding to the teacher's dtype on top of fp32 math.
+        assert rel_error(t, e) <= TOLERANCE[teacher_dtype], (t.shape, rel_error(t, e))
+    if momentum == 1.0:
+        # m = 1 leaves the teacher bit-identical.
+        assert all(torch.equal(t, e.to(teacher_dtype)) for t, e in zip(teacher, expected))
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_ema_float64_teacher_is_exact(backend):
+    teacher, student = _make(SHAPES, torch.float64, torch.float32)
+    expected = _expected(teacher, student, 0.996)
+    with dino_kernels.backend(backend):
+        dino_kernels.ema_(teacher, student, 0.996)
+    for t, e in zip(teacher, expected):
+        assert rel_error(t, e) <= 1e-15
+
+
+def test_ema_bfloat16_teacher_cpp():
+    # bf16 is broken in the Triton interpreter: the Triton bf16 configs are proven by the sm_80/sm_90 AOT compile.
+    teacher, student = _make(SHAPES, torch.bfloat16, torch.bfloat16)
+    expected = _expected(teacher, student, 0.9)
+    dino_kernels.ema_(teacher, student, 0.9)
+    for t, e in zip(teacher, expected):
+        assert rel_error(t, e) <= TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_ema_on_parameters_views_and_offsets(backend):
+    """nn.Parameter lists as DINO passes them, plus views that start at odd element offsets (unaligned)."""
+    torch.manual_seed(1)
+    student_model = torch.nn.Sequential(torch.nn.Linear(13, 7), torch.nn.LayerNorm(7), torch.nn.Linear(7, 3))
+    teacher_model = torch.nn.Sequential(torch.nn.Linear(13, 7), torch.nn.LayerNorm(7), torch.nn.Linear(7, 3))
+    big_t, big_s = torch.randn(10_001), torch.randn(10_001)
+    teacher = list(teacher_model.parameters()) + [big_t[3:], big_t[1:2]]
+    student = list(student_model.parameters()) + [big_s[5:9_999], big_s[2:3]]
+    teacher[-2] = big_t[3:9_997]
+    expected = _expected(teacher, student, 0.99)
+    with dino_kernels.backend(backend):
+        dino_kernels.ema_(teacher, student, 0.99)  # grad mode on: the op runs under no_grad itself
+    for t, e in zip(teacher, expected):
+        assert rel_error(t.detach(), e) <= TOLERANCE[torch.float32]
+    untouched = torch.cat([big_t[:3], big_t[9_997:]])
+    assert torch.isfinite(untouched).all()
+
+
+def test_ema_backends_agree_with_reference_module():
+    teacher, student = _make(SHAPES, torch.float32, torch.float32)
+    copy = [t.clone() for t in teacher]
+    reference.ema_(copy, student, 0.7)
+    dino_kernels.ema_(teacher, student, 0.7)
+    for a, b in zip(teacher, copy):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_ema_empty_list_and_empty_tensors():
+    dino_kernels.ema_([], [], 0.5)
+    t, s = torch.empty(0), torch.empty(0)
+    dino_kernels.ema_([t], [s], 0.5)
+    assert t.numel() == 0
+
+
+@pytest.mark.parametrize(
+    "teacher,student,momentum,error,match",
+    [
+        ([torch.zeros(3)], [torch.zeros(3), torch.zeros(3)], 0.5, ValueError, "same length"),
+        ([torch.zeros(3)], [torch.zeros(4)], 0.5, ValueError, r"teacher\[0\] has shape"),
+        ([torch.zeros(3)], [torch.zeros(3)], 1.5, ValueError, "momentum"),
+        ([torch.zeros(3)], [torch.zeros(3)], -0.1, ValueError, "momentum"),
+        ([torch.zeros(3)], [torch.zeros(3)], "0.5", TypeError, "momentum"),
+        ([torch.zeros(3, dtype=torch.int64)], [torch.zeros(3)], 0.5, TypeError, r"teacher\[0\] must be floating"),
+        ([torch.zeros(3)], [torch.zeros(3, dtype=torch.int32)], 0.5, TypeError, r"student\[0\] must be floating"),
+        ([torch.zeros(3)], [torch.zeros(3, device="meta")], 0.5, ValueError, "one device"),
+        ([torch.zeros(4, 4).t()], [torch.zeros(4, 4)], 0.5, ValueError, "equal strides"),
+        ([torch.zeros(3)], [[0.0, 0.0, 0.0]], 0.5, TypeError, r"student\[0\] must be a torch.Tensor"),
+    ],
+)
+def test_ema_bad_input(teacher, student, momentum, error, match):
+    with pytest.raises(error, match=match):
+        dino_kernels.ema_(teacher, student, momentum)
+
+
+def test_ema_triton_rejects_float64_teacher_clearly():
+    with dino_kernels.backend("triton"), pytest.raises(TypeError, match="float64"):
+        dino_kernels.ema_([torch.zeros(3, dtype=torch.float64)], [torch.zeros(3)], 0.5)
+
+
+def test_ema_opcheck():
+    teacher, student = _make([(5, 3), (4,)], torch.float32, torch.float32)
+    torch.library.opcheck(torch.ops.dino_kernels.ema_.default, (teacher, student, 0.9))
+
+
+def test_ema_under_torch_compile():
+    teacher, student = _make([(33,), (2, 9)], torch.float32, torch.float32)
+    expected = _expected(teacher, student, 0.9)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(t, s):
+        torch.ops.dino_kernels.ema_(t, s, 0.9)
+
+    step(teacher, student)
+    for t, e in zip(teacher, expected):
+        assert rel_error(t, e) <= TOLERANCE[torch.float32]
