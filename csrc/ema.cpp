@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <type_traits>
 #include <vector>
 
@@ -37,23 +38,52 @@ void ema_pair(const at::Tensor& teacher, const at::Tensor& student, int64_t begi
   });
 }
 
-// Python validates devices, dtypes, shapes and layouts; pairs share numel and strides, and are dense, so the
-// update runs over their storage in memory order.
-void ema_cpu_(at::TensorList teacher, at::TensorList student, double momentum) {
-  TORCH_CHECK(teacher.size() == student.size(), "ema_cpu_: teacher and student lists differ in length");
-  struct Chunk {
-    size_t pair;
-    int64_t begin, end;
-  };
-  std::vector<Chunk> chunks;
-  for (size_t p = 0; p < teacher.size(); ++p) {
-    const int64_t n = teacher[p].numel();
-    for (int64_t b = 0; b < n; b += kCpuChunk) chunks.push_back({p, b, std::min(n, b + kCpuChunk)});
+bool is_float(const at::Tensor& t) {
+  const auto type = t.scalar_type();
+  return type == at::kFloat || type == at::kDouble || type == at::kHalf || type == at::kBFloat16;
+}
+
+// Checks every pair once, in C++ because DINO calls this each step on hundreds of tensors and Python-side checks
+// would cost as much as the update itself on a GPU. Raises ValueError / TypeError in Python.
+void ema_validate(at::TensorList teacher, at::TensorList student) {
+  TORCH_CHECK_VALUE(teacher.size() == student.size(), "teacher and student must have the same length; got ",
+                    teacher.size(), " and ", student.size());
+  for (size_t i = 0; i < teacher.size(); ++i) {
+    const at::Tensor& t = teacher[i];
+    const at::Tensor& s = student[i];
+    TORCH_CHECK_TYPE(is_float(t), "teacher[", i, "] must be floating point (float32, float16, bfloat16 or float64); got ",
+                     t.scalar_type());
+    TORCH_CHECK_TYPE(is_float(s), "student[", i, "] must be floating point (float32, float16, bfloat16 or float64); got ",
+                     s.scalar_type());
+    TORCH_CHECK_VALUE(t.sizes() == s.sizes(), "teacher[", i, "] has shape ", t.sizes(), " but student[", i, "] has ",
+                      s.sizes());
+    TORCH_CHECK_VALUE(t.device() == s.device() && t.device() == teacher[0].device(),
+                      "all tensors must be on one device: teacher[0] is on ", teacher[0].device(), ", teacher[", i,
+                      "] on ", t.device(), ", student[", i, "] on ", s.device());
+    // The kernels walk storage in memory order, which is the same element order for both tensors only when both
+    // are dense with equal strides (any contiguous or channels-last pair qualifies).
+    TORCH_CHECK_VALUE(t.numel() == 0 || (t.is_non_overlapping_and_dense() && t.strides() == s.strides()),
+                      "teacher[", i, "] and student[", i, "] must be dense with equal strides (e.g. both contiguous); "
+                      "got strides ", t.strides(), " and ", s.strides());
   }
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t c = lo; c < hi; ++c) {
-      const Chunk& chunk = chunks[c];
-      ema_pair(teacher[chunk.pair], student[chunk.pair], chunk.begin, chunk.end, momentum);
+}
+
+// Inputs passed ema_validate: pairs share numel and strides and are dense, so the update runs over storage.
+// The work is split over the concatenation of all tensors, so a list of many tiny tensors (biases, norms) is a few
+// chunks rather than one parallel task each.
+void ema_cpu_(at::TensorList teacher, at::TensorList student, double momentum) {
+  std::vector<int64_t> offsets(teacher.size() + 1, 0);
+  for (size_t p = 0; p < teacher.size(); ++p) offsets[p + 1] = offsets[p] + teacher[p].numel();
+  const int64_t total = offsets.back();
+  const int64_t n_chunks = (total + kCpuChunk - 1) / kCpuChunk;
+  at::parallel_for(0, n_chunks, 1, [&](int64_t lo, int64_t hi) {
+    int64_t begin = lo * kCpuChunk;
+    const int64_t end = std::min(total, hi * kCpuChunk);
+    size_t p = std::upper_bound(offsets.begin(), offsets.end(), begin) - offsets.begin() - 1;
+    for (; begin < end; ++p) {
+      const int64_t stop = std::min(end, offsets[p + 1]);
+      if (stop > begin) ema_pair(teacher[p], student[p], begin - offsets[p], stop - offsets[p], momentum);
+      begin = stop;
     }
   });
 }
@@ -77,6 +107,7 @@ void ema_cuda_launch(const at::Tensor& meta, int64_t n_tensors, int64_t n_chunks
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(dino_kernels_C, m) {
+  m.def("ema_validate(Tensor[] teacher, Tensor[] student) -> ()", &ema_validate);
   m.def("ema_cpu_(Tensor(a!)[] teacher, Tensor[] student, float momentum) -> ()");
   m.def(
       "ema_cuda_launch(Tensor meta, int n_tensors, int n_chunks, int chunk_size, float momentum, int teacher_dtype, "
