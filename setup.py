@@ -35,6 +35,16 @@ except ImportError:  # pragma: no cover - exercised only on broken machines
     )
 
 
+def _require_cxx_compiler() -> None:
+    compiler = os.environ.get("CXX", "c++")
+    if not shutil.which(compiler.split()[0]):
+        sys.exit(
+            f"dino-kernels needs a C++17 compiler to build its CPU kernels, and `{compiler}` was not found.\n"
+            "Install one (Debian/Ubuntu: `apt-get install g++`; conda: `conda install gxx`) or set CXX, then rerun "
+            "`pip install --no-build-isolation -e .`."
+        )
+
+
 def _find_nvcc() -> str | None:
     if os.environ.get("DINO_KERNELS_SKIP_CUDA") == "1":
         return None
@@ -113,6 +123,7 @@ def _newest_header() -> float:
     return max((h.stat().st_mtime for h in CSRC.glob("*.h")), default=0.0)
 
 
+_require_cxx_compiler()
 os.environ.setdefault("MAX_JOBS", str(_max_jobs()))
 
 extension = CppExtension(

@@ -135,3 +135,26 @@ def test_ema_under_torch_compile():
     step(teacher, student)
     for t, e in zip(teacher, expected):
         assert rel_error(t, e) <= TOLERANCE[torch.float32]
+
+
+def test_ema_triton_one_launch_per_dtype_group(monkeypatch):
+    """Multi-tensor apply: the whole list costs one launch per (teacher dtype, student dtype) group."""
+    from dino_kernels import ema
+
+    launches = []
+    kernel = ema._ema_kernel
+
+    class CountingKernel:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(ema, "_ema_kernel", CountingKernel())
+    teacher = [torch.randn(s) for s in [(17,), (3, 300), (1,), (20_000,)]] + [torch.randn(9).half()]
+    student = [torch.randn(t.shape) for t in teacher]
+    expected = _expected(teacher, student, 0.9)
+    with dino_kernels.backend("triton"):
+        dino_kernels.ema_(teacher, student, 0.9)
+    assert len(launches) == 2
+    for t, e in zip(teacher, expected):
+        assert rel_error(t, e) <= TOLERANCE[t.dtype]
