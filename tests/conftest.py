@@ -1,20 +1,28 @@
-"""Test setup: Triton kernels run on CPU tensors through the interpreter.
+"""Test setup: on a machine without a GPU, Triton kernels run on CPU tensors through the interpreter.
 
-TRITON_INTERPRET must be set before anything imports triton, hence at the top of the conftest.
+TRITON_INTERPRET must be set before anything imports triton (importing torch does not), hence at the top.
+On a GPU machine the Triton kernels compile for real and tests/test_gpu.py runs them on CUDA tensors.
 """
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 import dino_kernels  # noqa: E402
 
-# Implementations every op is proven under on this CPU machine: our C++ kernels (what `auto` picks for CPU
-# tensors) and our Triton kernels in the interpreter.
-CPU_BACKENDS = ("auto", "triton")
+# Implementations every op is proven under on CPU tensors: our C++ kernels (what `auto` picks for CPU tensors)
+# and, where the interpreter is on, our Triton kernels.
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+CPU_BACKENDS = ("auto", "triton") if INTERPRETING else ("auto",)
+# For tests that run the `triton` backend on CPU tensors outside the CPU_BACKENDS parametrisation.
+requires_interpreter = pytest.mark.skipif(
+    not INTERPRETING, reason="Triton on CPU tensors needs the interpreter; on GPU machines tests/test_gpu.py runs it"
+)
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import CPU_BACKENDS, TOLERANCE, rel_error
+from conftest import CPU_BACKENDS, TOLERANCE, rel_error, requires_interpreter
 
 import dino_kernels
 from dino_kernels import reference
@@ -114,6 +114,7 @@ def test_ema_bad_input(teacher, student, momentum, error, match):
         dino_kernels.ema_(teacher, student, momentum)
 
 
+@requires_interpreter
 def test_ema_triton_rejects_float64_teacher_clearly():
     with dino_kernels.backend("triton"), pytest.raises(TypeError, match="float64"):
         dino_kernels.ema_([torch.zeros(3, dtype=torch.float64)], [torch.zeros(3)], 0.5)
@@ -137,6 +138,7 @@ def test_ema_under_torch_compile():
         assert rel_error(t, e) <= TOLERANCE[torch.float32]
 
 
+@requires_interpreter
 def test_ema_triton_one_launch_per_dtype_group(monkeypatch):
     """Multi-tensor apply: the whole list costs one launch per (teacher dtype, student dtype) group."""
     from dino_kernels import ema
