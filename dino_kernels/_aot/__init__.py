@@ -2,7 +2,9 @@
 
 Each module that defines Triton kernels declares them in a module-level ``AOT_KERNELS`` list of
 :class:`AOTKernel`: the kernel, the signatures it is launched with (one per dtype variant) and the block configs
-its launcher can pick (the launcher reads the same constants). ``python -m dino_kernels._aot`` compiles every
+its launcher can pick (the launcher reads the same constants). Pointers and ``stride*`` arguments are compiled as
+divisible by 16, the specialisation the JIT applies to aligned tensors at run time: it turns on software
+pipelining, so that variant is the one whose shared memory must fit. ``python -m dino_kernels._aot`` compiles every
 declared (signature, config) for sm_80 and sm_90 with ``triton.compile`` and a ``GPUTarget`` (no GPU needed) and
 reports shared memory against each architecture's per-block limit. This catches lowering errors and
 shared-memory overflows that the interpreter cannot see.
@@ -81,6 +83,12 @@ def undeclared_kernels() -> list[str]:
     return missing
 
 
+def _aligned_attrs(signature: dict[str, str]) -> dict[tuple[int], list[list]]:
+    """Divisibility-by-16 hints for pointers and strides, as the JIT derives them from aligned tensors."""
+    return {(i,): [["tt.divisibility", 16]] for i, (name, kind) in enumerate(signature.items())
+            if kind.startswith("*") or (name.startswith("stride") and kind in ("i32", "i64"))}
+
+
 def compile_one(job: tuple[str, int, int, int]) -> list[dict[str, Any]]:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -96,7 +104,8 @@ def compile_one(job: tuple[str, int, int, int]) -> list[dict[str, Any]]:
         record = {"kernel": f"{module_name}.{spec.name}", "arch": f"sm_{arch}", "signature": signature,
                   "config": config}
         try:
-            source = ASTSource(fn=spec.kernel, signature=signature, constexprs=constexprs)
+            source = ASTSource(fn=spec.kernel, signature=signature, constexprs=constexprs,
+                               attrs=_aligned_attrs(signature))
             compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
             shared = int(compiled.metadata.shared)
             record.update(ok=shared <= SHARED_MEMORY_LIMIT[arch], shared=shared,

@@ -1,0 +1,362 @@
+// Fused DINO loss on CPU: teacher softmax targets, the student cross-entropy over every (teacher crop, student
+// crop) pair, its gradient and the collapse statistics, in one parallel sweep over the images of the batch.
+//
+// Rows are crop-major: student row v*B + b is crop v of image b, teacher row i*B + b global crop i of image b.
+// Per image, the teacher probabilities p_i = softmax((t_i - c) / tau_t) are built once in a per-thread scratch row;
+// every student crop v of the image then needs only q = sum_{i != v} p_i, because
+//   sum_{i != v} CE(p_i, s_v) = |q| * LSE(s_v / tau_s) - q . s_v / tau_s      (|q| = number of teacher crops i != v)
+//   d/ds_v = (|q| * softmax(s_v / tau_s) - q) / tau_s, times 1 / (B * P) for the batch and pair means.
+// Nothing of size (rows, K) is materialised besides the gradient itself.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+// The hot loops are compiled for AVX-512 and AVX2 as well as the baseline, picked at load time by the CPU.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define DK_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define DK_VECTOR_CLONES
+#endif
+
+// exp for the fp32 path that the compiler vectorises inside `omp simd` loops (a libm call stays scalar): Cephes'
+// expf. n = round(x / ln 2) through the 1.5 * 2^23 rounding trick (plain adds), r = x - n ln 2 in two parts, a
+// degree-7 polynomial for e^r, and 2^n written into the exponent bits; within 1 ulp. Callers pass x = u - max(u)
+// <= 0; below ln(FLT_MIN) the result is 0 (so exp(-inf) = 0), and NaN stays NaN. The underflow is applied as a
+// bit mask rather than a float select or clamp, which GCC would not if-convert under its default -ftrapping-math.
+inline float exp_acc(float x) {
+  constexpr float kLow = -87.33654f;  // ln(FLT_MIN)
+  constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds a float of magnitude < 2^22 to an integer
+  const float n = (x * kLog2e + kRound) - kRound;
+  const float r = (x - n * kLn2Hi) - n * kLn2Lo;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * (r * r) + r + 1.0f;
+  const int32_t scale_bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &scale_bits, sizeof(scale));
+  const float value = y * scale;
+  int32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  bits &= -static_cast<int32_t>(!(x < kLow));
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
+inline double exp_acc(double x) { return std::exp(x); }
+
+// 1 if `condition` else 0, built from bits for the same reason as the mask in exp_acc: a bool-to-float conversion
+// of a float comparison would not vectorise.
+template <typename acc_t>
+inline acc_t indicator(bool condition);
+
+template <>
+inline float indicator<float>(bool condition) {
+  const int32_t bits = 0x3f800000 & -static_cast<int32_t>(condition);
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
+template <>
+inline double indicator<double>(bool condition) {
+  const int64_t bits = 0x3ff0000000000000LL & -static_cast<int64_t>(condition);
+  double out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
+struct Shape {
+  int64_t batch, n_crops, n_global, k;
+};
+
+template <typename acc_t>
+struct Scalars {
+  acc_t inv_student_temp;
+  double inv_teacher_temp;
+  acc_t grad_scale;  // the stored gradient is (|q| softmax - q) * grad_scale (dino_loss.py picks it per dtype)
+};
+
+// Sums over a row run in blocks: the vector lanes accumulate kSumBlock elements in acc_t, and the block totals are
+// added in double, so the rounding error does not grow with K (262,144 columns and beyond).
+constexpr int64_t kSumBlock = 1024;
+
+// Teacher probabilities of one row, in place on `prob` (length k), from logits t and center c; returns the
+// entropy. With u = (t - c) / tau_t, m = max u and e = exp(u - m), entropy = log z - sum_k e_k (u_k - m) / z: two
+// terms >= 0. A sharp teacher (|u| up to ~100 at tau_t = 0.04, entropy -> 0) needs more care than the loss:
+// - u is formed in double, where (t - c) * (1 / tau_t) carries no fp32 rounding of a number of size |u|, and only
+//   u - m goes to acc_t for the exponential;
+// - z = 1 + (tiny) is summed as n_max + rest (the e_k at the maximum are exactly 1) and
+//   log z = log(n_max) + log1p(rest / n_max), so the fp32 rounding of z ~ 1 does not swamp the entropy.
+template <typename T, typename acc_t>
+DK_VECTOR_CLONES acc_t teacher_probabilities(const T* t, const acc_t* c, double inv_temp, int64_t k, acc_t* prob) {
+  double m = -std::numeric_limits<double>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < k; ++j) {
+    const double u = (static_cast<double>(t[j]) - static_cast<double>(c[j])) * inv_temp;
+    m = u > m ? u : m;
+  }
+  double n_max = 0, rest = 0, w = 0;
+  for (int64_t lo = 0; lo < k; lo += kSumBlock) {
+    const int64_t hi = std::min(k, lo + kSumBlock);
+    acc_t n_block = 0, rest_block = 0, w_block = 0;
+#pragma omp simd reduction(+ : n_block, rest_block, w_block)
+    for (int64_t j = lo; j < hi; ++j) {
+      const double u = (static_cast<double>(t[j]) - static_cast<double>(c[j])) * inv_temp;
+      const acc_t shifted = static_cast<acc_t>(u - m);
+      const acc_t e = exp_acc(shifted);
+      // u == m rather than shifted == 0: the compiler may fuse u - m into an FMA, leaving a residual of ~1e-16.
+      const acc_t at_max = indicator<acc_t>(u == m);  // then e == 1 (exactly, or to that residual)
+      prob[j] = e;
+      n_block += at_max;
+      rest_block += e - at_max;
+      w_block += e * shifted;
+    }
+    n_max += n_block;
+    rest += rest_block;
+    w += w_block;
+  }
+  const double z = n_max + rest;
+  const acc_t inv_z = static_cast<acc_t>(1.0 / z);
+#pragma omp simd
+  for (int64_t j = 0; j < k; ++j) prob[j] *= inv_z;
+  return static_cast<acc_t>(std::log(n_max) + std::log1p(rest / n_max) - w / z);
+}
+
+// One student row against its target q (|q| = n_q teacher crops): returns the row's loss and, when `grad` is not
+// null, writes (n_q softmax(s / tau_s) - q) * grad_scale there. `x` is scratch of length k.
+template <typename S, typename acc_t>
+DK_VECTOR_CLONES acc_t student_row(const S* s, const acc_t* q, acc_t n_q, const Scalars<acc_t>& sc, int64_t k,
+                                   acc_t* x, S* grad) {
+  acc_t m = -std::numeric_limits<acc_t>::infinity();
+  double dot = 0;
+  for (int64_t lo = 0; lo < k; lo += kSumBlock) {
+    const int64_t hi = std::min(k, lo + kSumBlock);
+    acc_t dot_block = 0;
+#pragma omp simd reduction(max : m) reduction(+ : dot_block)
+    for (int64_t j = lo; j < hi; ++j) {
+      const acc_t xj = static_cast<acc_t>(s[j]) * sc.inv_student_temp;
+      x[j] = xj;
+      m = xj > m ? xj : m;
+      dot_block += q[j] * xj;
+    }
+    dot += dot_block;
+  }
+  double z = 0;
+  for (int64_t lo = 0; lo < k; lo += kSumBlock) {
+    const int64_t hi = std::min(k, lo + kSumBlock);
+    acc_t z_block = 0;
+#pragma omp simd reduction(+ : z_block)
+    for (int64_t j = lo; j < hi; ++j) {
+      const acc_t e = exp_acc(x[j] - m);
+      x[j] = e;
+      z_block += e;
+    }
+    z += z_block;
+  }
+  if (grad != nullptr) {
+    const acc_t softmax_coef = static_cast<acc_t>(n_q * sc.grad_scale / z);
+    const acc_t q_coef = sc.grad_scale;
+#pragma omp simd
+    for (int64_t j = 0; j < k; ++j) grad[j] = static_cast<S>(x[j] * softmax_coef - q[j] * q_coef);
+  }
+  return static_cast<acc_t>(n_q * (m + std::log(z)) - dot);
+}
+
+// One image b: the teacher probabilities of its G global crops, then every student crop against its target.
+// `scratch` holds (G + 3) rows of k: the G probability rows, the two kinds of target and the student row.
+template <typename S, typename T, typename acc_t>
+void dino_loss_image(int64_t b, const S* student, const T* teacher, const acc_t* center, S* grad, acc_t* row_loss,
+                     acc_t* entropy, const Shape& shape, const Scalars<acc_t>& sc, acc_t* scratch) {
+  const int64_t B = shape.batch, G = shape.n_global, k = shape.k;
+  acc_t* prob = scratch;
+  acc_t* q_all = prob + G * k;  // sum over every teacher crop: the target of each local crop
+  acc_t* q_global = q_all + k;  // sum over the other teacher crops: the target of global crop v
+  acc_t* x = q_global + k;
+  for (int64_t i = 0; i < G; ++i) {
+    const int64_t row = i * B + b;
+    entropy[row] = teacher_probabilities(teacher + row * k, center, sc.inv_teacher_temp, k, prob + i * k);
+  }
+  std::fill(q_all, q_all + k, acc_t(0));
+  for (int64_t i = 0; i < G; ++i) {
+    const acc_t* p = prob + i * k;
+#pragma omp simd
+    for (int64_t j = 0; j < k; ++j) q_all[j] += p[j];
+  }
+  for (int64_t v = 0; v < shape.n_crops; ++v) {
+    const int64_t row = v * B + b;
+    S* grad_row = grad == nullptr ? nullptr : grad + row * k;
+    const acc_t* q = q_all;
+    if (v < G) {
+      if (G == 1) {  // the only teacher crop is this crop itself: no pair, no loss, no gradient
+        row_loss[row] = 0;
+        if (grad_row != nullptr) std::fill(grad_row, grad_row + k, static_cast<S>(0));
+        continue;
+      }
+      // Summed afresh rather than as q_all - p_v, which would lose p_{i != v} under a large p_v.
+      std::fill(q_global, q_global + k, acc_t(0));
+      for (int64_t i = 0; i < G; ++i) {
+        if (i == v) continue;
+        const acc_t* p = prob + i * k;
+#pragma omp simd
+        for (int64_t j = 0; j < k; ++j) q_global[j] += p[j];
+      }
+      q = q_global;
+    }
+    const acc_t n_q = static_cast<acc_t>(v < G ? G - 1 : G);
+    row_loss[row] = student_row(student + row * k, q, n_q, sc, k, x, grad_row);
+  }
+}
+
+// Columns [lo, hi) of the column means of the teacher rows (what the center update needs), summed in row order so
+// that the result does not depend on the thread count.
+template <typename T, typename acc_t>
+void teacher_column_mean(const T* teacher, int64_t rows, int64_t k, int64_t lo, int64_t hi, acc_t* mean) {
+  acc_t* out = mean + lo;
+  std::fill(out, out + (hi - lo), acc_t(0));
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* t = teacher + r * k + lo;
+#pragma omp simd
+    for (int64_t j = 0; j < hi - lo; ++j) out[j] += static_cast<acc_t>(t[j]);
+  }
+  const acc_t inv_rows = acc_t(1) / static_cast<acc_t>(rows);
+#pragma omp simd
+  for (int64_t j = 0; j < hi - lo; ++j) out[j] *= inv_rows;
+}
+
+template <typename S, typename T, typename acc_t>
+void dino_loss_kernel(const S* student, const T* teacher, const acc_t* center, S* grad, acc_t* row_loss,
+                      acc_t* entropy, acc_t* mean, const Shape& shape, const Scalars<acc_t>& sc) {
+  constexpr int64_t kMeanColumns = 1024;
+  const int64_t n_chunks = (shape.k + kMeanColumns - 1) / kMeanColumns;
+  const int64_t teacher_rows = shape.n_global * shape.batch;
+  // One parallel region whose work items (the images, then column chunks of the teacher mean) are handed out from
+  // shared counters rather than in one fixed range per thread: a thread that the OS preempts (a busy or shared
+  // machine) then delays the call by one item, not by its whole share.
+  std::atomic<int64_t> next_image{0}, next_chunk{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    std::vector<acc_t> scratch(static_cast<size_t>((shape.n_global + 3) * shape.k));
+    for (int64_t b = next_image++; b < shape.batch; b = next_image++) {
+      dino_loss_image(b, student, teacher, center, grad, row_loss, entropy, shape, sc, scratch.data());
+    }
+    for (int64_t chunk = next_chunk++; chunk < n_chunks; chunk = next_chunk++) {
+      const int64_t lo = chunk * kMeanColumns;
+      teacher_column_mean(teacher, teacher_rows, shape.k, lo, std::min(shape.k, lo + kMeanColumns), mean);
+    }
+  });
+}
+
+// Python (dino_kernels/dino_loss.py) validates shapes, dtypes and devices, makes the inputs contiguous and passes
+// the center in the accumulation dtype (fp64 if an input is fp64, else fp32). Returns (loss, grad, teacher_mean,
+// entropy, kl), the scalars and the mean in the accumulation dtype; grad is empty unless compute_grad.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dino_loss_cpu(
+    const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& center, int64_t n_global,
+    double student_temp, double teacher_temp, double grad_scale, bool compute_grad) {
+  TORCH_CHECK(student.dim() == 2 && teacher.dim() == 2 && center.dim() == 1, "dino_loss_cpu: bad ranks");
+  TORCH_CHECK(student.is_contiguous() && teacher.is_contiguous() && center.is_contiguous(),
+              "dino_loss_cpu: inputs must be contiguous");
+  const int64_t k = student.size(1);
+  TORCH_CHECK(teacher.size(1) == k && center.size(0) == k, "dino_loss_cpu: K mismatch");
+  TORCH_CHECK(n_global >= 1 && teacher.size(0) % n_global == 0, "dino_loss_cpu: bad n_global");
+  const int64_t batch = teacher.size(0) / n_global;
+  TORCH_CHECK(batch > 0 && k > 0 && student.size(0) % batch == 0, "dino_loss_cpu: bad row counts");
+  const Shape shape{batch, student.size(0) / batch, n_global, k};
+  TORCH_CHECK(shape.n_crops >= std::max<int64_t>(n_global, 2), "dino_loss_cpu: no (teacher, student) crop pairs");
+  const auto acc_type = center.scalar_type();
+  TORCH_CHECK(acc_type == at::kFloat || acc_type == at::kDouble, "dino_loss_cpu: center must be float or double");
+  const auto acc_options = center.options();
+
+  at::Tensor grad = compute_grad ? at::empty_like(student) : at::empty({0}, student.options());
+  at::Tensor row_loss = at::empty({student.size(0)}, acc_options);
+  at::Tensor entropy = at::empty({teacher.size(0)}, acc_options);
+  at::Tensor mean = at::empty({k}, acc_options);
+  const int64_t pairs = n_global * (shape.n_crops - 1);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "dino_loss_cpu_student", [&] {
+    using student_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, teacher.scalar_type(), "dino_loss_cpu_teacher", [&] {
+      using teacher_t = scalar_t;
+      auto run = [&](auto acc_zero) {
+        using acc_t = decltype(acc_zero);
+        TORCH_CHECK(center.scalar_type() == c10::CppTypeToScalarType<acc_t>::value,
+                    "dino_loss_cpu: center dtype must be the accumulation dtype");
+        const Scalars<acc_t> sc{static_cast<acc_t>(1.0 / student_temp), 1.0 / teacher_temp,
+                                static_cast<acc_t>(grad_scale)};
+        dino_loss_kernel(student.const_data_ptr<student_t>(), teacher.const_data_ptr<teacher_t>(),
+                         center.const_data_ptr<acc_t>(), compute_grad ? grad.data_ptr<student_t>() : nullptr,
+                         row_loss.data_ptr<acc_t>(), entropy.data_ptr<acc_t>(), mean.data_ptr<acc_t>(), shape, sc);
+      };
+      if (acc_type == at::kDouble) {
+        run(double(0));
+      } else {
+        run(float(0));
+      }
+    });
+  });
+
+  // Tiny reductions, in fp64 and in a fixed order so the result is deterministic.
+  const at::Tensor row_loss64 = row_loss.to(at::kDouble);
+  const at::Tensor entropy64 = entropy.to(at::kDouble);
+  const double loss = row_loss64.sum().item<double>() / static_cast<double>(pairs * batch);
+  const double mean_entropy = entropy64.mean().item<double>();
+  // Each teacher crop meets n_crops - 1 student crops, so the pair mean of its entropy is the plain mean, and
+  // mean KL(p_i || softmax(s_v)) over the pairs = mean cross-entropy - mean entropy.
+  auto scalar = [&](double value) { return at::scalar_tensor(value, acc_options); };
+  return {scalar(loss), grad, mean, scalar(mean_entropy), scalar(loss - mean_entropy)};
+}
+
+template <typename T>
+DK_VECTOR_CLONES void scale_range(T* data, int64_t n, double factor) {
+  using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+  const acc_t f = static_cast<acc_t>(factor);
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) data[j] = static_cast<T>(static_cast<acc_t>(data[j]) * f);
+}
+
+// In-place backward rescale of the stored gradient: grad *= grad_output * scale, in fp32 math (fp64 for fp64).
+// Skipped when that factor is exactly 1, the usual `loss.backward()` case.
+void dino_loss_rescale_cpu_(at::Tensor& grad, const at::Tensor& grad_output, double scale) {
+  TORCH_CHECK(grad.is_contiguous(), "dino_loss_rescale_cpu_: grad must be contiguous");
+  const double factor = grad_output.item<double>() * scale;
+  if (factor == 1.0 || grad.numel() == 0) return;
+  constexpr int64_t kChunk = 1 << 15;
+  const int64_t n = grad.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "dino_loss_rescale_cpu_", [&] {
+    scalar_t* data = grad.data_ptr<scalar_t>();
+    at::parallel_for(0, (n + kChunk - 1) / kChunk, 1, [&](int64_t begin, int64_t end) {
+      const int64_t lo = begin * kChunk, hi = std::min(n, end * kChunk);
+      scale_range(data + lo, hi - lo, factor);
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(dino_kernels_C, m) {
+  m.def(
+      "dino_loss_cpu(Tensor student, Tensor teacher, Tensor center, int n_global, float student_temp, "
+      "float teacher_temp, float grad_scale, bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("dino_loss_rescale_cpu_(Tensor(a!) grad, Tensor grad_output, float scale) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(dino_kernels_C, CPU, m) {
+  m.impl("dino_loss_cpu", &dino_loss_cpu);
+  m.impl("dino_loss_rescale_cpu_", &dino_loss_rescale_cpu_);
+}

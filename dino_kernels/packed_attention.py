@@ -1,0 +1,725 @@
+"""Sequence-packed block-diagonal attention: every crop of every image in one call, each token attending only to
+the tokens of its own sequence (DINOv2's xformers ``BlockDiagonalMask``, without xformers).
+
+Layout (flash-attn varlen): ``q, k, v`` are ``(T, H, D)`` with the sequences one after another along ``T``;
+``cu_seqlens`` (int32, ``(N + 1,)``) holds the sequence boundaries and ``max_seqlen`` an upper bound of their
+lengths, a Python int, so that no launch needs a host sync.
+
+GPU (Triton, FlashAttention-2 style). One launch builds a block table on the device from ``cu_seqlens``: one entry
+``(sequence start, sequence end, block start)`` per ``BLOCK_M``-row block of every sequence, so blocks never straddle
+sequences and no program is spent on a block that does not exist (the grid is an upper bound of the block count
+known from shapes alone; spare programs find a zero entry and return). With ``BLOCK_M = 64`` a 37- or 50-token local
+crop is one program, one query tile and one key tile, and a 197- or 257-token global crop is 4 or 5 programs.
+Why one small block per crop rather than several short sequences packed into one program's tile: a tile holding
+several sequences computes their cross-sequence products only to mask them (three 37-token crops fill 25% of a
+128 x 128 tile; one fills 33% of 64 x 64), and a local crop's attention is bandwidth-bound anyway (about 18 FLOP per
+byte at D = 64), so what counts for it is reading its Q, K, V once, which one program per crop does.
+- Forward, one program per (block, head): online softmax over ``BLOCK_N`` key tiles of its own sequence, fp32
+  accumulators; writes the output and the log-sum-exp for the backward. Only the last key tile is masked.
+- Backward, one program per (block, head), no atomics. A sequence that fits one block (every local crop) is done
+  in one step: P is recomputed once and dq, dk, dv all come from it. A longer sequence's program computes dk, dv of
+  its key block (looping over the sequence's queries) and then dq of its query block (looping over the keys), the
+  Triton-tutorial split that trades one recomputation of QK^T for no atomics. ``delta = rowsum(dO * O)`` is
+  recomputed from O and dO in each program rather than by a preprocessing launch: sequences are a few hundred
+  tokens, so those re-reads come from L2.
+Head dims 16, 32, 64, 128 (others fall back to the reference, with a warning); fp16 and bf16 on tensor cores, fp32
+with IEEE products (exact, for checking; not fast: train under autocast).
+
+CPU: sequences are grouped by length and each group runs as one batched call of PyTorch's CPU flash-attention
+kernels (forward and backward), which return and take the log-sum-exp; exact in every floating dtype.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from dino_kernels import reference
+from dino_kernels._aot import AOTKernel
+from dino_kernels._backend import resolve, triton_interpreting
+from dino_kernels._validation import FLOAT_DTYPES, check_ndim, check_positive, check_tensor
+
+# Rows of a program's query block (forward) and of its key and query blocks (backward); also the block size of
+# the block table. 64 keeps a local crop (37-54 tokens) to one tile and pads a 197- or 257-token global crop to 256
+# or 320 rows.
+BLOCK_M = 64
+# Key tile of the forward loop.
+BLOCK_N = 64
+# Tile of the backward loops (queries for dk/dv, keys for dq): smaller than BLOCK_M to pad a 197-token sequence to
+# 224 rather than 256 rows and to keep the (BLOCK_M, BLOCK_SLAB) score tiles small next to the dk/dv accumulators.
+BLOCK_SLAB = 32
+HEAD_DIMS = (16, 32, 64, 128)
+# (num_warps, num_stages) per head dim. Forward D=128: two stages keep the fp32 variant within sm_80's shared memory.
+# Backward D=128: eight warps, as (64, 128) fp32 dk, dv accumulators and the K, V tiles stay in registers.
+FWD_LAUNCH = {16: (4, 3), 32: (4, 3), 64: (4, 3), 128: (4, 2)}
+BWD_LAUNCH = {16: (4, 2), 32: (4, 2), 64: (4, 2), 128: (8, 2)}
+# Sequences scanned per step by the single-program block-table builder.
+TABLE_SCAN = 1024
+TABLE_NUM_WARPS = 4
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DEBUG_ENV_VAR = "DINO_KERNELS_DEBUG"
+
+_LOG2E = 1.4426950408889634
+_CU_SEQLENS_CACHE: OrderedDict[tuple, tuple[torch.Tensor, int]] = OrderedDict()
+_CU_SEQLENS_CACHE_SIZE = 32
+
+
+# ------------------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _block_table_kernel(
+    cu_seqlens,  # int32 (n_seqs + 1,)
+    table,  # int32 (table_size, 3): sequence start, sequence end, block start
+    status,  # int32 (1,): 1 when cu_seqlens is valid, else 0
+    n_seqs,
+    total_tokens,
+    max_seqlen,
+    table_size,
+    BLOCK: tl.constexpr,
+    SCAN: tl.constexpr,
+):
+    # One program: a DINO batch has a few thousand sequences at most, and one launch is cheaper than the handful of
+    # torch ops (diff, cdiv, cumsum, searchsorted, gathers) that would build the same table.
+    ok = (tl.load(cu_seqlens) == 0) & (tl.load(cu_seqlens + n_seqs) == total_tokens)
+    max_blocks = tl.cdiv(max_seqlen, BLOCK)
+    written = 0
+    for first in range(0, n_seqs, SCAN):
+        seq = first + tl.arange(0, SCAN)
+        in_range = seq < n_seqs
+        start = tl.load(cu_seqlens + seq, mask=in_range, other=0)
+        end = tl.load(cu_seqlens + seq + 1, mask=in_range, other=0)
+        bad = in_range & ((end < start) | (end - start > max_seqlen))
+        ok = ok & (tl.sum(bad.to(tl.int32), 0) == 0)
+        # Clamp into [0, total_tokens] and cap the blocks per sequence so that even invalid cu_seqlens (flagged in
+        # `status`) never make a program address memory outside q, k, v or the table.
+        start = tl.minimum(tl.maximum(start, 0), total_tokens)
+        end = tl.minimum(tl.maximum(end, start), total_tokens)
+        n_blocks = tl.minimum(tl.cdiv(end - start, BLOCK), max_blocks)
+        first_entry = written + tl.cumsum(n_blocks, 0) - n_blocks
+        for j in range(0, tl.max(n_blocks, 0)):  # not max_blocks: max_seqlen may be a loose bound
+            entry = first_entry + j
+            store = (j < n_blocks) & (entry < table_size)
+            tl.store(table + entry * 3, start, mask=store)
+            tl.store(table + entry * 3 + 1, end, mask=store)
+            tl.store(table + entry * 3 + 2, start + j * BLOCK, mask=store)
+        written += tl.sum(n_blocks, 0)
+    # Spare programs read an empty entry (start = end = 0) and return at once.
+    for first in range(written, table_size, SCAN):
+        entry = first + tl.arange(0, SCAN)
+        spare = entry < table_size
+        zero = tl.zeros((SCAN,), tl.int32)
+        tl.store(table + entry * 3, zero, mask=spare)
+        tl.store(table + entry * 3 + 1, zero, mask=spare)
+        tl.store(table + entry * 3 + 2, zero, mask=spare)
+    tl.store(status, ok.to(tl.int32))
+
+
+@triton.jit
+def _dot(a, b):
+    # fp32 inputs get IEEE products: the default TF32 would cost ~1e-3 relative error. fp16/bf16 use tensor cores.
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, key_lo, key_hi, seq_end, qk_scale,
+                    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KEYS: tl.constexpr):
+    dims = tl.arange(0, HEAD_DIM)
+    for key_start in range(key_lo, key_hi, BLOCK_N):
+        keys = key_start + tl.arange(0, BLOCK_N)
+        key_valid = keys < seq_end
+        # K is read transposed, (HEAD_DIM, BLOCK_N), so that the scores are one plain dot.
+        k_t = tl.load(K + keys[None, :].to(tl.int64) * stride_kt + dims[:, None], mask=key_valid[None, :], other=0.0)
+        s = _dot(q, k_t) * qk_scale  # log2 units: exp2 below is exp of the scaled scores
+        if MASK_KEYS:  # only the sequence's last key tile has keys of the next sequence or past the end
+            s = tl.where(key_valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + keys[:, None].to(tl.int64) * stride_vt + dims[None, :], mask=key_valid[:, None], other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, Out,  # (T, H, D), last dim contiguous; Out is contiguous
+    LSE,  # fp32 (H, T): natural-log log-sum-exp of each query's scaled scores
+    table,  # int32 (programs, 3) from _block_table_kernel
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    total_tokens,
+    qk_scale,  # softmax scale * log2(e)
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    entry = table + tl.program_id(0) * 3
+    head = tl.program_id(1).to(tl.int64)
+    seq_start = tl.load(entry)
+    seq_end = tl.load(entry + 1)
+    m_start = tl.load(entry + 2)
+    if m_start >= seq_end:  # spare program
+        return
+    rows = m_start + tl.arange(0, BLOCK_M)
+    row_valid = rows < seq_end
+    dims = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + rows[:, None].to(tl.int64) * stride_qt + head * stride_qh + dims[None, :],
+                mask=row_valid[:, None], other=0.0)
+    # Rows past the sequence's end load zeros: their scores are finite, so no NaN appears, and they are not stored.
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+    full_end = seq_start + (seq_end - seq_start) // BLOCK_N * BLOCK_N
+    K += head * stride_kh
+    V += head * stride_vh
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, seq_start, full_end, seq_end,
+                                    qk_scale, HEAD_DIM, BLOCK_N, False)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, full_end, seq_end, seq_end,
+                                    qk_scale, HEAD_DIM, BLOCK_N, True)
+    acc = acc / l_i[:, None]
+    tl.store(Out + rows[:, None].to(tl.int64) * stride_ot + head * stride_oh + dims[None, :],
+             acc.to(Out.dtype.element_ty), mask=row_valid[:, None])
+    lse = (m_i + tl.math.log2(l_i)) / 1.4426950408889634
+    tl.store(LSE + head * total_tokens + rows, lse, mask=row_valid)
+
+
+@triton.jit
+def _load_rows(ptr, rows, row_valid, stride_t, HEAD_DIM: tl.constexpr):
+    dims = tl.arange(0, HEAD_DIM)
+    return tl.load(ptr + rows[:, None].to(tl.int64) * stride_t + dims[None, :], mask=row_valid[:, None], other=0.0)
+
+
+@triton.jit
+def _store_rows(ptr, rows, row_valid, stride_t, value, HEAD_DIM: tl.constexpr):
+    dims = tl.arange(0, HEAD_DIM)
+    tl.store(ptr + rows[:, None].to(tl.int64) * stride_t + dims[None, :], value.to(ptr.dtype.element_ty),
+             mask=row_valid[:, None])
+
+
+@triton.jit
+def _load_query_stats(Out, DO, LSE, rows, row_valid, stride_ot, stride_dot, HEAD_DIM: tl.constexpr):
+    """log2-domain LSE (+inf past the end, so those rows get P = 0) and delta = rowsum(dO * Out) of query rows."""
+    o = _load_rows(Out, rows, row_valid, stride_ot, HEAD_DIM).to(tl.float32)
+    do = _load_rows(DO, rows, row_valid, stride_dot, HEAD_DIM)
+    lse2 = tl.load(LSE + rows, mask=row_valid, other=float("inf")) * 1.4426950408889634
+    delta = tl.sum(o * do.to(tl.float32), 1)
+    return do, lse2, delta
+
+
+@triton.jit
+def _bwd_one_block(Q, K, V, Out, DO, DQ, DK, DV, LSE, stride_qt, stride_kt, stride_vt, stride_ot, stride_dot,
+                   seq_start, seq_end, sm_scale, qk_scale, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
+    # The whole sequence is one tile of queries and one of keys: P once, then dq, dk, dv from it.
+    rows = seq_start + tl.arange(0, BLOCK)
+    valid = rows < seq_end
+    q = _load_rows(Q, rows, valid, stride_qt, HEAD_DIM)
+    k = _load_rows(K, rows, valid, stride_kt, HEAD_DIM)
+    v = _load_rows(V, rows, valid, stride_vt, HEAD_DIM)
+    do, lse2, delta = _load_query_stats(Out, DO, LSE, rows, valid, stride_ot, stride_dot, HEAD_DIM)
+    p = tl.math.exp2(_dot(q, tl.trans(k)) * qk_scale - lse2[:, None])
+    # Keys past the end: their zero rows make finite scores whose exp2 could still overflow against a very
+    # negative LSE, and inf * 0 would poison dq, so P is zeroed there explicitly.
+    p = tl.where(valid[None, :], p, 0.0)
+    _store_rows(DV, rows, valid, stride_ot, _dot(tl.trans(p.to(do.dtype)), do), HEAD_DIM)
+    ds = p * (_dot(do, tl.trans(v)) - delta[:, None])
+    ds = ds.to(q.dtype)
+    _store_rows(DQ, rows, valid, stride_ot, _dot(ds, k) * sm_scale, HEAD_DIM)
+    _store_rows(DK, rows, valid, stride_ot, _dot(tl.trans(ds), q) * sm_scale, HEAD_DIM)
+
+
+@triton.jit
+def _bwd_key_block(Q, K, V, Out, DO, DK, DV, LSE, stride_qt, stride_kt, stride_vt, stride_ot, stride_dot,
+                   seq_start, seq_end, n_start, sm_scale, qk_scale,
+                   HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_SLAB: tl.constexpr):
+    # dk, dv of keys [n_start, n_start + BLOCK) over every query of the sequence, in transposed form
+    # (P^T is (keys, queries)) so that both accumulate as plain dots. Keys past the end only touch their own rows
+    # of dk, dv, which are not stored; queries past the end have LSE = +inf, hence P = 0.
+    keys = n_start + tl.arange(0, BLOCK)
+    key_valid = keys < seq_end
+    k = _load_rows(K, keys, key_valid, stride_kt, HEAD_DIM)
+    v = _load_rows(V, keys, key_valid, stride_vt, HEAD_DIM)
+    dk = tl.zeros((BLOCK, HEAD_DIM), tl.float32)
+    dv = tl.zeros((BLOCK, HEAD_DIM), tl.float32)
+    for q_start in range(seq_start, seq_end, BLOCK_SLAB):
+        rows = q_start + tl.arange(0, BLOCK_SLAB)
+        row_valid = rows < seq_end
+        q = _load_rows(Q, rows, row_valid, stride_qt, HEAD_DIM)
+        do, lse2, delta = _load_query_stats(Out, DO, LSE, rows, row_valid, stride_ot, stride_dot, HEAD_DIM)
+        p_t = tl.math.exp2(_dot(k, tl.trans(q)) * qk_scale - lse2[None, :])
+        dv += _dot(p_t.to(do.dtype), do)
+        ds_t = p_t * (_dot(v, tl.trans(do)) - delta[None, :])
+        dk += _dot(ds_t.to(q.dtype), q)
+    _store_rows(DK, keys, key_valid, stride_ot, dk * sm_scale, HEAD_DIM)
+    _store_rows(DV, keys, key_valid, stride_ot, dv, HEAD_DIM)
+
+
+@triton.jit
+def _bwd_query_block(Q, K, V, Out, DO, DQ, LSE, stride_qt, stride_kt, stride_vt, stride_ot, stride_dot,
+                     seq_start, seq_end, m_start, sm_scale, qk_scale,
+                     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_SLAB: tl.constexpr):
+    # dq of queries [m_start, m_start + BLOCK) over every key of the sequence.
+    rows = m_start + tl.arange(0, BLOCK)
+    row_valid = rows < seq_end
+    q = _load_rows(Q, rows, row_valid, stride_qt, HEAD_DIM)
+    do, lse2, delta = _load_query_stats(Out, DO, LSE, rows, row_valid, stride_ot, stride_dot, HEAD_DIM)
+    dq = tl.zeros((BLOCK, HEAD_DIM), tl.float32)
+    for k_start in range(seq_start, seq_end, BLOCK_SLAB):
+        keys = k_start + tl.arange(0, BLOCK_SLAB)
+        key_valid = keys < seq_end
+        k = _load_rows(K, keys, key_valid, stride_kt, HEAD_DIM)
+        v = _load_rows(V, keys, key_valid, stride_vt, HEAD_DIM)
+        p = tl.math.exp2(_dot(q, tl.trans(k)) * qk_scale - lse2[:, None])
+        p = tl.where(key_valid[None, :], p, 0.0)  # see _bwd_one_block
+        ds = p * (_dot(do, tl.trans(v)) - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k)
+    _store_rows(DQ, rows, row_valid, stride_ot, dq * sm_scale, HEAD_DIM)
+
+
+@triton.jit
+def _attn_bwd_kernel(
+    Q, K, V, Out, DO,  # (T, H, D), last dim contiguous
+    DQ, DK, DV,  # (T, H, D) contiguous, same strides as Out
+    LSE,  # fp32 (H, T) from the forward
+    table,  # int32 (programs, 3) from _block_table_kernel
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_dot, stride_doh,
+    total_tokens,
+    sm_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_SLAB: tl.constexpr,
+):
+    entry = table + tl.program_id(0) * 3
+    head = tl.program_id(1).to(tl.int64)
+    seq_start = tl.load(entry)
+    seq_end = tl.load(entry + 1)
+    block_start = tl.load(entry + 2)
+    if block_start >= seq_end:  # spare program
+        return
+    qk_scale = sm_scale * 1.4426950408889634
+    Q += head * stride_qh
+    K += head * stride_kh
+    V += head * stride_vh
+    Out += head * stride_oh
+    DO += head * stride_doh
+    DQ += head * stride_oh
+    DK += head * stride_oh
+    DV += head * stride_oh
+    LSE += head * total_tokens
+    if seq_end - seq_start <= BLOCK:
+        _bwd_one_block(Q, K, V, Out, DO, DQ, DK, DV, LSE, stride_qt, stride_kt, stride_vt, stride_ot, stride_dot,
+                       seq_start, seq_end, sm_scale, qk_scale, HEAD_DIM, BLOCK)
+    else:
+        _bwd_key_block(Q, K, V, Out, DO, DK, DV, LSE, stride_qt, stride_kt, stride_vt, stride_ot, stride_dot,
+                       seq_start, seq_end, block_start, sm_scale, qk_scale, HEAD_DIM, BLOCK, BLOCK_SLAB)
+        _bwd_query_block(Q, K, V, Out, DO, DQ, LSE, stride_qt, stride_kt, stride_vt, stride_ot, stride_dot,
+                         seq_start, seq_end, block_start, sm_scale, qk_scale, HEAD_DIM, BLOCK, BLOCK_SLAB)
+
+
+def _fwd_signature(dtype: str) -> dict[str, str]:
+    strides = ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_ot",
+               "stride_oh")
+    return {"Q": f"*{dtype}", "K": f"*{dtype}", "V": f"*{dtype}", "Out": f"*{dtype}", "LSE": "*fp32", "table": "*i32",
+            **dict.fromkeys(strides, "i32"), "total_tokens": "i32", "qk_scale": "fp32",
+            "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}
+
+
+def _bwd_signature(dtype: str) -> dict[str, str]:
+    strides = ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_ot",
+               "stride_oh", "stride_dot", "stride_doh")
+    return {**{name: f"*{dtype}" for name in ("Q", "K", "V", "Out", "DO", "DQ", "DK", "DV")}, "LSE": "*fp32",
+            "table": "*i32", **dict.fromkeys(strides, "i32"), "total_tokens": "i32", "sm_scale": "fp32",
+            "HEAD_DIM": "constexpr", "BLOCK": "constexpr", "BLOCK_SLAB": "constexpr"}
+
+
+_AOT_DTYPES = ("fp16", "bf16", "fp32")
+
+AOT_KERNELS = [
+    AOTKernel(
+        _block_table_kernel,
+        signatures=({"cu_seqlens": "*i32", "table": "*i32", "status": "*i32", "n_seqs": "i32", "total_tokens": "i32",
+                     "max_seqlen": "i32", "table_size": "i32", "BLOCK": "constexpr", "SCAN": "constexpr"},),
+        configs=({"BLOCK": BLOCK_M, "SCAN": TABLE_SCAN, "num_warps": TABLE_NUM_WARPS},),
+    ),
+    AOTKernel(
+        _attn_fwd_kernel,
+        signatures=tuple(_fwd_signature(d) for d in _AOT_DTYPES),
+        configs=tuple({"HEAD_DIM": d, "BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "num_warps": FWD_LAUNCH[d][0],
+                       "num_stages": FWD_LAUNCH[d][1]} for d in HEAD_DIMS),
+    ),
+    AOTKernel(
+        _attn_bwd_kernel,
+        signatures=tuple(_bwd_signature(d) for d in _AOT_DTYPES),
+        configs=tuple({"HEAD_DIM": d, "BLOCK": BLOCK_M, "BLOCK_SLAB": BLOCK_SLAB, "num_warps": BWD_LAUNCH[d][0],
+                       "num_stages": BWD_LAUNCH[d][1]} for d in HEAD_DIMS),
+    ),
+]
+
+
+# ------------------------------------------------------------------------------------------------ launchers
+def _table_size(total_tokens: int, n_seqs: int, max_seqlen: int) -> int:
+    """Upper bound of sum_s cdiv(n_s, BLOCK_M) from shapes alone: at most cdiv(max_seqlen, BLOCK_M) blocks per
+    sequence, and, since cdiv(n, B) < n / B + 1 for every non-empty sequence, at most cdiv(T, B) + min(N, T)."""
+    per_sequence = n_seqs * triton.cdiv(max_seqlen, BLOCK_M)
+    return min(per_sequence, triton.cdiv(total_tokens, BLOCK_M) + min(n_seqs, total_tokens))
+
+
+def _block_table(cu_seqlens: torch.Tensor, total_tokens: int, max_seqlen: int) -> torch.Tensor:
+    """The device-side block table; asserts on the device (no host sync) that cu_seqlens is valid."""
+    n_seqs = cu_seqlens.numel() - 1
+    size = _table_size(total_tokens, n_seqs, max_seqlen)
+    table = torch.empty((size, 3), dtype=torch.int32, device=cu_seqlens.device)
+    status = torch.empty(1, dtype=torch.int32, device=cu_seqlens.device)
+    _block_table_kernel[(1,)](cu_seqlens, table, status, n_seqs, total_tokens, max_seqlen, size,
+                              BLOCK=BLOCK_M, SCAN=TABLE_SCAN, num_warps=TABLE_NUM_WARPS)
+    torch._assert_async(status, "packed_attention: invalid cu_seqlens (must start at 0, be non-decreasing and end "
+                                "at T, with every length <= max_seqlen); set DINO_KERNELS_DEBUG=1 for a precise error")
+    return table
+
+
+def _check_triton_inputs(q: torch.Tensor) -> None:
+    if q.dtype not in TRITON_DTYPES:
+        raise TypeError(f"packed_attention: the Triton kernels take float32, float16 or bfloat16; got {q.dtype}. "
+                        "Use the 'cpu' or 'reference' backend for float64")
+    if q.dtype == torch.bfloat16 and triton_interpreting():
+        raise TypeError("packed_attention: bfloat16 is broken in the Triton interpreter (TRITON_INTERPRET=1); use "
+                        "float16/float32 there, or the 'cpu' backend")
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _fwd_triton(q, k, v, cu_seqlens, max_seqlen, scale):
+    _check_triton_inputs(q)
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    total, heads, dim = q.shape
+    out = torch.empty((total, heads, dim), dtype=q.dtype, device=q.device)
+    lse = torch.empty((heads, total), dtype=torch.float32, device=q.device)
+    if total == 0:
+        return out, lse
+    table = _block_table(cu_seqlens, total, max_seqlen)
+    num_warps, num_stages = FWD_LAUNCH[dim]
+    _attn_fwd_kernel[(table.shape[0], heads)](
+        q, k, v, out, lse, table, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1), total, scale * _LOG2E,
+        HEAD_DIM=dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps, num_stages=num_stages)
+    return out, lse
+
+
+def _bwd_triton(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, scale):
+    _check_triton_inputs(q)
+    grad_out, q, k, v = (_last_dim_contiguous(t) for t in (grad_out, q, k, v))
+    total, heads, dim = q.shape
+    # One layout for O and the three gradients: the kernel addresses them with O's strides.
+    out = out.contiguous()
+    dq, dk, dv = (torch.empty((total, heads, dim), dtype=q.dtype, device=q.device) for _ in range(3))
+    if total == 0:
+        return dq, dk, dv
+    table = _block_table(cu_seqlens, total, max_seqlen)
+    num_warps, num_stages = BWD_LAUNCH[dim]
+    _attn_bwd_kernel[(table.shape[0], heads)](
+        q, k, v, out, grad_out, dq, dk, dv, lse.contiguous(), table,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        grad_out.stride(0), grad_out.stride(1), total, scale,
+        HEAD_DIM=dim, BLOCK=BLOCK_M, BLOCK_SLAB=BLOCK_SLAB, num_warps=num_warps, num_stages=num_stages)
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------------------------- CPU path
+def _length_groups(cu_seqlens: torch.Tensor) -> list[tuple[int, slice | torch.Tensor]]:
+    """(length n, token rows of every sequence of that length) for each non-zero length. The rows are a slice when
+    those sequences are adjacent, as :func:`pack` lays out each crop group, so that they are read in place."""
+    bounds = cu_seqlens.tolist()
+    starts: dict[int, list[int]] = {}
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if b > a:
+            starts.setdefault(b - a, []).append(a)
+    groups = []
+    for n, s in starts.items():
+        if s[-1] - s[0] == (len(s) - 1) * n:
+            groups.append((n, slice(s[0], s[-1] + n)))
+        else:
+            groups.append((n, (torch.tensor(s)[:, None] + torch.arange(n)).reshape(-1)))
+    return groups
+
+
+# Rows are indexed through (T, H * D) views: index_select on the 3-d tensor is far slower on CPU.
+def _gather(t: torch.Tensor, rows: slice | torch.Tensor, n: int) -> torch.Tensor:
+    """(B * n, H, D) rows of ``t`` -> (B, H, n, D), the layout of PyTorch's batched attention kernels."""
+    return t.reshape(t.shape[0], -1)[rows].view(-1, n, *t.shape[1:]).transpose(1, 2)
+
+
+def _scatter(dest: torch.Tensor, rows: slice | torch.Tensor, value: torch.Tensor) -> None:
+    dest.view(dest.shape[0], -1)[rows] = value.transpose(1, 2).reshape(-1, dest.shape[1] * dest.shape[2])
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _fwd_cpu(q, k, v, cu_seqlens, scale):
+    total, heads, dim = q.shape
+    out = torch.empty((total, heads, dim), dtype=q.dtype)
+    lse = torch.empty((heads, total), dtype=_lse_dtype(q.dtype))
+    for n, rows in _length_groups(cu_seqlens):
+        o, group_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            _gather(q, rows, n), _gather(k, rows, n), _gather(v, rows, n), 0.0, False, scale=scale)
+        _scatter(out, rows, o)
+        lse[:, rows] = group_lse.to(lse.dtype).permute(1, 0, 2).reshape(heads, -1)
+    return out, lse
+
+
+def _bwd_cpu(grad_out, q, k, v, out, lse, cu_seqlens, scale):
+    grads = [torch.empty(t.shape, dtype=t.dtype) for t in (q, k, v)]
+    for n, rows in _length_groups(cu_seqlens):
+        group_lse = lse[:, rows].reshape(lse.shape[0], -1, n).transpose(0, 1).contiguous()
+        group_grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            _gather(grad_out, rows, n), _gather(q, rows, n), _gather(k, rows, n), _gather(v, rows, n),
+            _gather(out, rows, n), group_lse, 0.0, False, scale=scale)
+        for dest, value in zip(grads, group_grads):
+            _scatter(dest, rows, value)
+    return tuple(grads)
+
+
+# ---------------------------------------------------------------------------------------------- dispatch
+def debug_enabled() -> bool:
+    """``DINO_KERNELS_DEBUG=1``: check ``cu_seqlens``/``max_seqlen`` values on CUDA too (costs a host sync)."""
+    return os.environ.get(DEBUG_ENV_VAR, "0") == "1"
+
+
+def _check_cu_seqlens_values(cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> None:
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0; got cu_seqlens[0] = {bounds[0]}")
+    if bounds[-1] != total:
+        raise ValueError(f"cu_seqlens must end at T = q.shape[0] = {total}; got cu_seqlens[-1] = {bounds[-1]}")
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    for i, n in enumerate(lengths):
+        if n < 0:
+            raise ValueError(f"cu_seqlens must be non-decreasing; got cu_seqlens[{i}] = {bounds[i]} > "
+                             f"cu_seqlens[{i + 1}] = {bounds[i + 1]}")
+    longest = max(lengths)
+    if longest > max_seqlen:
+        raise ValueError(f"max_seqlen must bound every sequence length; got max_seqlen = {max_seqlen} but sequence "
+                         f"{lengths.index(longest)} has {longest} tokens")
+
+
+def _resolve(q, cu_seqlens, max_seqlen) -> str:
+    impl = resolve(q.device, "packed_attention")
+    # Values are free to check on the host; on CUDA only in debug mode (the block table asserts on the device).
+    if q.device.type == "cpu" or impl == "reference" or debug_enabled():
+        _check_cu_seqlens_values(cu_seqlens, q.shape[0], max_seqlen)
+    if impl in ("cuda", "triton") and q.shape[-1] not in HEAD_DIMS:
+        warnings.warn(f"packed_attention: head dim {q.shape[-1]} has no Triton kernel (head dims {HEAD_DIMS}); "
+                      "falling back to the plain-PyTorch reference, which syncs with the host and is slow",
+                      stacklevel=3)
+        return "reference"
+    return impl
+
+
+def _fwd(q, k, v, cu_seqlens, max_seqlen, scale):
+    impl = _resolve(q, cu_seqlens, max_seqlen)
+    if impl == "reference":
+        return (reference.packed_attention(q, k, v, cu_seqlens, scale),
+                reference.packed_attention_lse(q, k, cu_seqlens, scale).to(_lse_dtype(q.dtype)))
+    if impl == "cpu":
+        return _fwd_cpu(q, k, v, cu_seqlens, scale)
+    return _fwd_triton(q, k, v, cu_seqlens, max_seqlen, scale)
+
+
+def _bwd(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, scale):
+    impl = _resolve(q, cu_seqlens, max_seqlen)
+    if impl == "reference":
+        return reference.packed_attention_backward(grad_out, q, k, v, cu_seqlens, scale)
+    if impl == "cpu":
+        return _bwd_cpu(grad_out, q, k, v, out, lse, cu_seqlens, scale)
+    return _bwd_triton(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, scale)
+
+
+# ---------------------------------------------------------------------------------------- registered ops
+@torch.library.custom_op("dino_kernels::packed_attention_fwd", mutates_args=(), device_types="cpu")
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+            scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _fwd(q, k, v, cu_seqlens, max_seqlen, scale)
+
+
+@_fwd_op.register_kernel("cuda")
+def _fwd_op_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _fwd(q, k, v, cu_seqlens, max_seqlen, scale)
+
+
+@_fwd_op.register_fake
+def _fwd_op_fake(q, k, v, cu_seqlens, max_seqlen, scale):
+    total, heads, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((heads, total), dtype=_lse_dtype(q.dtype))
+
+
+@torch.library.custom_op("dino_kernels::packed_attention_bwd", mutates_args=(), device_types="cpu")
+def _bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+            lse: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+            scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _bwd(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, scale)
+
+
+@_bwd_op.register_kernel("cuda")
+def _bwd_op_cuda(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                 lse: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                 scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _bwd(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, scale)
+
+
+@_bwd_op.register_fake
+def _bwd_op_fake(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, max_seqlen, scale = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+    ctx.max_seqlen, ctx.scale = max_seqlen, scale
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = _bwd_op(grad_out, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------------- public API
+def _check_inputs(q, k, v, cu_seqlens, max_seqlen) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t)
+        check_ndim(name, t, 3, "(T, H, D)")
+    if q.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"q must be floating point (float32, float16, bfloat16 or float64); got {q.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.shape != q.shape:
+            raise ValueError(f"{name} must have the shape of q, {tuple(q.shape)}; got {tuple(t.shape)}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have the dtype of q, {q.dtype}; got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; all must be on one device")
+    check_tensor("cu_seqlens", cu_seqlens)
+    if cu_seqlens.dtype != torch.int32:
+        raise TypeError(f"cu_seqlens must have dtype int32; got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be 1-d (N + 1,) with N >= 1 sequences; got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != q.device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}; all must be on one device")
+    if not isinstance(max_seqlen, int) or isinstance(max_seqlen, bool):
+        raise TypeError(f"max_seqlen must be a Python int, got {type(max_seqlen).__name__}")
+    n_seqs, total = cu_seqlens.numel() - 1, q.shape[0]
+    # Free necessary condition: the longest of N sequences holding T tokens has at least ceil(T / N).
+    if max_seqlen < 1 or max_seqlen * n_seqs < total:
+        raise ValueError(f"max_seqlen must be >= 1 and bound every sequence length; got {max_seqlen} for T = {total} "
+                         f"tokens in N = {n_seqs} sequences")
+
+
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                     *, scale: float | None = None) -> torch.Tensor:
+    """Block-diagonal (per-sequence) non-causal attention over sequences packed along the token axis.
+
+    Args:
+        q, k, v: ``(T, H, D)``, one dtype (float32, float16, bfloat16; float64 on CPU) and device; views such as
+            ``qkv.unbind(1)`` of a ``(T, 3, H, D)`` projection are read in place.
+        cu_seqlens: int32 ``(N + 1,)`` on the same device, ``cu_seqlens[0] = 0``, non-decreasing,
+            ``cu_seqlens[N] = T``: sequence ``i`` is tokens ``cu_seqlens[i]:cu_seqlens[i + 1]`` (see :func:`pack`).
+        max_seqlen: a Python int bounding every sequence length (an upper bound is fine; no ``.item()``).
+        scale: softmax scale, default ``D ** -0.5``.
+
+    Returns:
+        ``(T, H, D)`` in the dtype of ``q``: ``softmax(q_s k_s^T * scale) v_s`` for each sequence ``s``.
+        Differentiable in ``q``, ``k``, ``v``. Under autocast the inputs are cast to the autocast dtype, as for
+        ``scaled_dot_product_attention``. Values of ``cu_seqlens`` are checked on CPU always and on CUDA when
+        ``DINO_KERNELS_DEBUG=1`` (else a device-side assert guards the kernels).
+    """
+    _check_inputs(q, k, v, cu_seqlens, max_seqlen)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    check_positive("scale", scale)
+    device_type = q.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    out, _ = _fwd_op(q, k, v, cu_seqlens, max_seqlen, float(scale))
+    return out
+
+
+def _check_crops(xs: Sequence[torch.Tensor]) -> None:
+    if not isinstance(xs, (list, tuple)) or not xs:
+        raise TypeError(f"xs must be a non-empty list of (B_i, N_i, D) tensors; got {type(xs).__name__}"
+                        + (" of length 0" if isinstance(xs, (list, tuple)) else ""))
+    for i, x in enumerate(xs):
+        check_tensor(f"xs[{i}]", x)
+        check_ndim(f"xs[{i}]", x, 3, "(B_i, N_i, D)")
+        if x.shape[-1] != xs[0].shape[-1] or x.dtype != xs[0].dtype or x.device != xs[0].device:
+            raise ValueError(f"every crop group must share D, dtype and device with xs[0] ({xs[0].shape[-1]}, "
+                             f"{xs[0].dtype}, {xs[0].device}); xs[{i}] has ({x.shape[-1]}, {x.dtype}, {x.device})")
+
+
+def _cu_seqlens(shapes: tuple[tuple[int, int], ...], device: torch.device) -> tuple[torch.Tensor, int]:
+    """cu_seqlens of B_i sequences of N_i tokens per group, built once per (shapes, device)."""
+    key = (shapes, device)
+    if key in _CU_SEQLENS_CACHE:
+        _CU_SEQLENS_CACHE.move_to_end(key)
+        return _CU_SEQLENS_CACHE[key]
+    lengths = [n for b, n in shapes for _ in range(b)]
+    bounds = [0, *torch.tensor(lengths, dtype=torch.int64).cumsum(0).tolist()]
+    entry = torch.tensor(bounds, dtype=torch.int32).to(device), max(n for _, n in shapes)
+    _CU_SEQLENS_CACHE[key] = entry
+    if len(_CU_SEQLENS_CACHE) > _CU_SEQLENS_CACHE_SIZE:
+        _CU_SEQLENS_CACHE.popitem(last=False)
+    return entry
+
+
+def pack(xs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Concatenate crop groups into one packed token sequence for :func:`packed_attention`.
+
+    Args:
+        xs: crop groups ``(B_i, N_i, D)`` (e.g. the 2 global crops ``(2B, 197, D)`` and the local ones
+            ``(10B, 37, D)``), one dtype and device.
+
+    Returns:
+        ``packed`` ``(sum_i B_i * N_i, D)`` with every image crop a sequence (group by group, crop by crop),
+        ``cu_seqlens`` int32 ``(sum_i B_i + 1,)`` on the same device (cached per shapes and device, so a training
+        loop does no host work after its first step) and ``max_seqlen = max_i N_i``.
+    """
+    _check_crops(xs)
+    cu_seqlens, max_seqlen = _cu_seqlens(tuple((x.shape[0], x.shape[1]) for x in xs), xs[0].device)
+    packed = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs])
+    return packed, cu_seqlens, max_seqlen
+
+
+def unpack(packed: torch.Tensor, shapes: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    """Invert :func:`pack`: views ``(B_i, N_i, *packed.shape[1:])`` of ``packed`` ``(T, ...)``.
+
+    ``shapes`` holds ``(B_i, N_i)`` or ``(B_i, N_i, D)`` per group (e.g. ``[x.shape for x in xs]``); only
+    ``B_i, N_i`` are used, so features may have changed width since packing.
+    """
+    check_tensor("packed", packed)
+    if packed.dim() < 1:
+        raise ValueError("packed must have a token axis; got a 0-d tensor")
+    counts = []
+    for i, shape in enumerate(shapes):
+        if len(shape) not in (2, 3) or any(not isinstance(s, int) or s < 0 for s in shape):
+            raise ValueError(f"shapes[{i}] must be (B_i, N_i) or (B_i, N_i, D) of non-negative ints; got {shape}")
+        counts.append(shape[0] * shape[1])
+    if sum(counts) != packed.shape[0]:
+        raise ValueError(f"shapes hold {sum(counts)} tokens but packed has {packed.shape[0]} (shape "
+                         f"{tuple(packed.shape)})")
+    return [part.view(shape[0], shape[1], *packed.shape[1:])
+            for part, shape in zip(torch.split(packed, counts), shapes)]

@@ -1,0 +1,760 @@
+"""Stochastic depth that skips the dropped samples: fused gather and scaled index-add, forward and backward.
+
+timm's DropPath multiplies the residual of dropped samples by zero, so their compute is still spent. DINOv2
+(``drop_add_residual_stochastic_depth[_list]``) runs each residual branch only on the kept samples: it gathers them
+(xformers ``index_select_cat``), runs the branch, and adds the result back with a scaled index-add (xformers
+``scaled_index_add``, LayerScale and ``alpha = B / kept`` fused). Those xformers kernels are CUDA-only Triton; here
+both ops run on any device, with the multi-crop packed layout of :func:`dino_kernels.packed_attention`.
+
+Kernels (Triton, below): every tensor is viewed as rows of ``(M, D)`` tiles, one row per sample, and one program
+handles a ``BLOCK_M x BLOCK_D`` tile of one row, so the loads are contiguous along ``D`` (16-byte vectors when the
+row width allows) and any row width works through masks.
+
+- ``_gather_rows_kernel``: ``out[j] = alpha * scaling * src[index[j]]``. It is the forward of ``index_select_cat``
+  (alpha 1, no scaling) and the backward of ``scaled_index_add`` for ``src`` (the gather of the grad rows, scaled),
+  where it also reduces ``grad_out[index[j]] * src[j]`` over the tile's rows for the gradient of ``scaling``.
+- ``_index_add_rows_kernel``: ``out[b] = x[b] + alpha * scaling * sum_{j: index[j] = b} src[j]`` in one pass that
+  writes every output row once while copying ``x`` (the dropped rows) and fusing the add for the kept ones. It is
+  the forward of ``scaled_index_add`` and, without ``x``, the backward of ``index_select_cat``.
+
+Duplicate indices accumulate (xformers' and ``torch.index_add``'s semantics) without atomics: the launcher sorts
+the index once (stable, so the order of a row's contributions is fixed and results are deterministic) and builds
+CSR segments ``seg_start`` (B + 1,), ``seg_rows`` (k,); program ``b`` sums ``src`` over its segment. Unique
+indices, the stochastic-depth case, are the same path with segments of length 0 or 1, so they cost no extra pass.
+Out-of-range indices: the public functions raise an ``IndexError`` for CPU tensors (and for CUDA tensors with
+``DINO_KERNELS_DEBUG=1``); on CUDA they otherwise assert on the device (``torch._assert_async``), since a host check
+would sync every call. Inside the kernels such rows can never be reached anyway (the gather masks them, and the
+segments only cover ``[0, B)``), so no read or write ever leaves the tensors, also under ``torch.compile`` where the
+value checks are skipped.
+
+Registration: ``dino_kernels::scaled_index_add``, ``::index_select_cat`` and their backward ops are custom ops with
+fakes and autograd, which is what ``torch.compile`` sees; eager calls run the same impls through
+``torch.autograd.Function`` twins that skip the custom-op wrapper's per-call cost.
+
+CPU (``auto`` on CPU tensors): ``torch.index_select`` / ``index_add_`` in fp32 math (fp64 for fp64); the branch
+dominates a block's time there, so a C++ kernel would not pay. float64 on CUDA takes the same torch path.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+import os
+from collections.abc import Callable, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from dino_kernels import reference
+from dino_kernels._aot import AOTKernel
+from dino_kernels._backend import resolve
+from dino_kernels._validation import check_floating, check_same_device, check_tensor
+
+# Program tiles. ROWS: 32 tokens x 128 features (4096 elements, 32 per thread); FLAT: a whole 1024-feature
+# stretch of one token, for rows of at most FLAT_MAX_M tokens (e.g. (B, D) inputs) where a 32-token tile would idle.
+ROWS_CONFIG = {"BLOCK_M": 32, "BLOCK_D": 128, "num_warps": 4}
+FLAT_CONFIG = {"BLOCK_M": 1, "BLOCK_D": 1024, "num_warps": 4}
+TILE_CONFIGS = (ROWS_CONFIG, FLAT_CONFIG)
+FLAT_MAX_M = 4
+# Without a LayerScale vector the split of a row into (M, D) is free: D = gcd(row width, FREE_D) gives long
+# contiguous, 16-byte-aligned stretches whenever the width has a power-of-two factor (e.g. DINOv2's flatten(1) rows).
+FREE_D = 1024
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DEBUG_ENV_VAR = "DINO_KERNELS_DEBUG"
+_TRITON_TYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+@triton.jit
+def _tile(pid, n_m_blocks, n_d_blocks, M, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Row, tile offsets inside the row, tile mask and (row, m-block) number of program ``pid``."""
+    # One flat grid axis: axes 1 and 2 of a CUDA grid stop at 65535, which long rows or many rows would exceed.
+    row_block = pid // n_d_blocks
+    d_block = pid % n_d_blocks
+    row = row_block // n_m_blocks
+    m_block = row_block % n_m_blocks
+    offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = d_block * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < M) & (offs_d[None, :] < D)
+    return row, row_block, offs_m[:, None] * D + offs_d[None, :], offs_d, mask
+
+
+@triton.jit
+def _gather_rows_kernel(
+    src,  # (n_src, M, D): rows gathered from
+    index,  # (n_out,) int32/int64: the src row of every output row
+    out,  # (n_out, M, D)
+    scaling,  # fp32 (D,): LayerScale, read when HAS_SCALING
+    other,  # (n_out, M, D): multiplied with the gathered rows for `partial`, read when WITH_PRODUCT
+    partial,  # fp32 (n_out * n_m_blocks, D): sum over each tile's rows of src[index[j]] * other[j]
+    alpha,
+    n_src,
+    M,
+    D,
+    n_m_blocks,
+    n_d_blocks,
+    HAS_SCALING: tl.constexpr,
+    WITH_PRODUCT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    j, row_block, tile, offs_d, mask = _tile(tl.program_id(0), n_m_blocks, n_d_blocks, M, D, BLOCK_M, BLOCK_D)
+    row_numel = M.to(tl.int64) * D
+    source_row = tl.load(index + j).to(tl.int64)
+    # Out-of-range rows read as zeros instead of outside src (the public API has already raised for them).
+    in_range = (source_row >= 0) & (source_row < n_src)
+    gathered = tl.load(src + source_row * row_numel + tile, mask=mask & in_range, other=0.0).to(tl.float32)
+    scaled = alpha * gathered
+    if HAS_SCALING:
+        # Loaded straight in the tile's 2-d layout (a broadcast row, L1 hits) to avoid a layout shuffle.
+        scaled = scaled * tl.load(scaling + offs_d[None, :], mask=offs_d[None, :] < D, other=0.0)
+    tl.store(out + j * row_numel + tile, scaled.to(out.dtype.element_ty), mask=mask)
+    if WITH_PRODUCT:
+        # Per-tile partial sums, reduced by one deterministic torch.sum afterwards (no float atomics).
+        o = tl.load(other + j * row_numel + tile, mask=mask, other=0.0).to(tl.float32)
+        tl.store(partial + row_block.to(tl.int64) * D + offs_d, tl.sum(gathered * o, axis=0), mask=offs_d < D)
+
+
+@triton.jit
+def _index_add_rows_kernel(
+    x,  # (B, M, D): copied to out, read when HAS_X (else out starts from zeros)
+    src,  # (k, M, D): rows added
+    out,  # (B, M, D)
+    scaling,  # fp32 (D,): LayerScale, read when HAS_SCALING
+    seg_start,  # int64 (B + 1,): output row b sums src rows seg_rows[seg_start[b]:seg_start[b + 1]]
+    seg_rows,  # int64 (k,): src rows ordered by their (stably sorted) target row
+    alpha,
+    M,
+    D,
+    n_m_blocks,
+    n_d_blocks,
+    HAS_X: tl.constexpr,
+    HAS_SCALING: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    b, row_block, tile, offs_d, mask = _tile(tl.program_id(0), n_m_blocks, n_d_blocks, M, D, BLOCK_M, BLOCK_D)
+    row_numel = M.to(tl.int64) * D
+    start = tl.load(seg_start + b)
+    end = tl.load(seg_start + b + 1)
+    # Duplicates accumulate here in fp32, in a fixed order; a dropped row has an empty segment and is a copy of x.
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for p in range(start, end):
+        j = tl.load(seg_rows + p)
+        acc += tl.load(src + j * row_numel + tile, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SCALING:
+        acc = acc * tl.load(scaling + offs_d[None, :], mask=offs_d[None, :] < D, other=0.0)
+    result = alpha * acc
+    if HAS_X:
+        result += tl.load(x + b.to(tl.int64) * row_numel + tile, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out + b.to(tl.int64) * row_numel + tile, result.to(out.dtype.element_ty), mask=mask)
+
+
+def _gather_signature(dtype: str, index: str) -> dict[str, str]:
+    return {"src": f"*{dtype}", "index": f"*{index}", "out": f"*{dtype}", "scaling": "*fp32", "other": f"*{dtype}",
+            "partial": "*fp32", "alpha": "fp32", "n_src": "i32", "M": "i32", "D": "i32", "n_m_blocks": "i32",
+            "n_d_blocks": "i32", "HAS_SCALING": "constexpr", "WITH_PRODUCT": "constexpr", "BLOCK_M": "constexpr",
+            "BLOCK_D": "constexpr"}
+
+
+def _index_add_signature(dtype: str) -> dict[str, str]:
+    return {"x": f"*{dtype}", "src": f"*{dtype}", "out": f"*{dtype}", "scaling": "*fp32", "seg_start": "*i64",
+            "seg_rows": "*i64", "alpha": "fp32", "M": "i32", "D": "i32", "n_m_blocks": "i32", "n_d_blocks": "i32",
+            "HAS_X": "constexpr", "HAS_SCALING": "constexpr", "BLOCK_M": "constexpr", "BLOCK_D": "constexpr"}
+
+
+# The variants the launchers use: gather (plain | scaled | scaled with the product for grad scaling); index-add
+# (x + src | x + scaled src | zeros + src for the gather's backward).
+_GATHER_VARIANTS = ({"HAS_SCALING": False, "WITH_PRODUCT": False}, {"HAS_SCALING": True, "WITH_PRODUCT": False},
+                    {"HAS_SCALING": True, "WITH_PRODUCT": True})
+_INDEX_ADD_VARIANTS = ({"HAS_X": True, "HAS_SCALING": False}, {"HAS_X": True, "HAS_SCALING": True},
+                       {"HAS_X": False, "HAS_SCALING": False})
+
+AOT_KERNELS = [
+    AOTKernel(
+        _gather_rows_kernel,
+        signatures=tuple(_gather_signature(d, i) for d in _TRITON_TYPE.values() for i in ("i64", "i32")),
+        configs=tuple({**v, **c} for v in _GATHER_VARIANTS for c in TILE_CONFIGS),
+    ),
+    AOTKernel(
+        _index_add_rows_kernel,
+        signatures=tuple(_index_add_signature(d) for d in _TRITON_TYPE.values()),
+        configs=tuple({**v, **c} for v in _INDEX_ADD_VARIANTS for c in TILE_CONFIGS),
+    ),
+]
+
+
+# ------------------------------------------------------------------------------------------------ launchers
+def _row_shape(row_numel: int, width: int | None) -> tuple[int, int]:
+    """(M, D) of a row of ``row_numel`` elements: D is the LayerScale width when there is one, else free."""
+    d = width if width is not None else math.gcd(row_numel, FREE_D)
+    return row_numel // d, d
+
+
+def _tile_config(m: int) -> dict[str, int]:
+    return FLAT_CONFIG if m <= FLAT_MAX_M else ROWS_CONFIG
+
+
+def _grid(rows: int, m: int, d: int, config: dict[str, int]) -> tuple[int, int, int]:
+    n_m_blocks, n_d_blocks = triton.cdiv(m, config["BLOCK_M"]), triton.cdiv(d, config["BLOCK_D"])
+    return rows * n_m_blocks * n_d_blocks, n_m_blocks, n_d_blocks
+
+
+def _check_triton_dtype(op: str, dtype: torch.dtype) -> None:
+    if dtype not in TRITON_DTYPES:
+        raise TypeError(f"{op}: the triton backend takes float32/float16/bfloat16 tensors; got {dtype}. "
+                        "Use the 'auto' or 'cpu' backend for float64")
+
+
+def _gather_triton(src: torch.Tensor, index: torch.Tensor, out: torch.Tensor, alpha: float,
+                   scaling: torch.Tensor | None, other: torch.Tensor | None) -> torch.Tensor | None:
+    """``out[j] = alpha * scaling * src[index[j]]`` for rows of ``src.shape[1:]``; with ``other``, also returns the
+    fp32 (D,) sum over every row and token of ``src[index[j]] * other[j]`` (the gradient of ``scaling``)."""
+    n, row_numel = index.shape[0], math.prod(src.shape[1:])
+    if n == 0 or row_numel == 0:
+        width = scaling.shape[0] if scaling is not None else 0
+        return None if other is None else torch.zeros(width, dtype=torch.float32, device=src.device)
+    m, d = _row_shape(row_numel, scaling.shape[0] if scaling is not None else None)
+    config = _tile_config(m)
+    programs, n_m_blocks, n_d_blocks = _grid(n, m, d, config)
+    partial = torch.empty((n * n_m_blocks, d) if other is not None else (1,), dtype=torch.float32, device=src.device)
+    _gather_rows_kernel[(programs,)](
+        src, index.contiguous(), out, scaling if scaling is not None else partial,
+        other if other is not None else out, partial, alpha, src.shape[0], m, d, n_m_blocks, n_d_blocks,
+        HAS_SCALING=scaling is not None, WITH_PRODUCT=other is not None, **config)
+    return partial.sum(0) if other is not None else None
+
+
+@functools.lru_cache(maxsize=64)
+def _row_boundaries(rows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``arange(rows + 1)``, built once per (rows, dtype, device): no per-call work in a training loop."""
+    return torch.arange(rows + 1, dtype=dtype, device=device)
+
+
+def _identity(rows: int, device: torch.device) -> torch.Tensor:
+    """The index ``arange(rows)`` (cached)."""
+    return _row_boundaries(rows, torch.int64, device)[:-1]
+
+
+def _segments(index: torch.Tensor | None, rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """CSR form of ``index``: ``seg_rows`` lists the src rows sorted by target, ``seg_start[b]`` where row b's begin."""
+    if index is None:  # the identity: row b is src row b
+        return _row_boundaries(rows, torch.int64, device), _identity(rows, device)
+    targets, seg_rows = torch.sort(index, stable=True)
+    return torch.searchsorted(targets, _row_boundaries(rows, index.dtype, device)), seg_rows
+
+
+def _index_add_triton(x: torch.Tensor | None, index: torch.Tensor | None, src: torch.Tensor, out: torch.Tensor,
+                      alpha: float, scaling: torch.Tensor | None) -> None:
+    """``out = x + alpha * scaling * (sum of src rows per index target)``; zeros instead of ``x`` when it is None."""
+    rows, row_numel = out.shape[0], math.prod(out.shape[1:])
+    if rows == 0 or row_numel == 0:
+        return
+    m, d = _row_shape(row_numel, scaling.shape[0] if scaling is not None else None)
+    config = _tile_config(m)
+    programs, n_m_blocks, n_d_blocks = _grid(rows, m, d, config)
+    seg_start, seg_rows = _segments(index, rows, out.device)
+    _index_add_rows_kernel[(programs,)](
+        x if x is not None else out, src, out, scaling if scaling is not None else _placeholder(out.device),
+        seg_start, seg_rows, alpha, m, d, n_m_blocks, n_d_blocks, HAS_X=x is not None,
+        HAS_SCALING=scaling is not None, **config)
+
+
+@functools.lru_cache(maxsize=8)
+def _placeholder(device: torch.device) -> torch.Tensor:
+    """fp32 stand-in for the scaling pointer of a launch without LayerScale (never read: HAS_SCALING is off)."""
+    return torch.zeros(1, dtype=torch.float32, device=device)
+
+
+def _implementation(device: torch.device, op: str, dtype: torch.dtype) -> str:
+    """resolve(), plus float64 on CUDA under ``auto``/``cuda``: the torch path (Triton has no fp64 tiles here)."""
+    impl = resolve(device, op)
+    if impl == "triton":
+        _check_triton_dtype(op, dtype)
+    if impl == "cuda" and dtype not in TRITON_DTYPES:
+        return "cpu"
+    return impl
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _scaling_fp32(scaling: torch.Tensor | None) -> torch.Tensor | None:
+    return None if scaling is None else scaling.detach().to(torch.float32).contiguous()
+
+
+# ------------------------------------------------------------------------------------ scaled_index_add ops
+def _scaled_index_add_impl(x: torch.Tensor, index: torch.Tensor | None, src: torch.Tensor,
+                           scaling: torch.Tensor | None, alpha: float) -> torch.Tensor:
+    impl = _implementation(x.device, "scaled_index_add", x.dtype)
+    if index is None and impl in ("reference", "cpu"):
+        index = _identity(x.shape[0], x.device)
+    if impl == "reference":
+        return reference.scaled_index_add(x, index, src, alpha=alpha, scaling=scaling).contiguous()
+    if impl == "cpu":
+        acc = _accumulation_dtype(x.dtype)
+        update = src.to(acc) if scaling is None else src.to(acc) * scaling.to(acc)
+        out = x.to(acc, memory_format=torch.contiguous_format, copy=True)
+        return out.index_add_(0, index, update, alpha=alpha).to(x.dtype)
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    _index_add_triton(x.contiguous(), index, src.contiguous(), out, alpha, _scaling_fp32(scaling))
+    return out
+
+
+@torch.library.custom_op("dino_kernels::scaled_index_add", mutates_args=(), device_types="cpu")
+def _scaled_index_add_op(x: torch.Tensor, index: torch.Tensor | None, src: torch.Tensor,
+                         scaling: torch.Tensor | None, alpha: float) -> torch.Tensor:
+    """``index`` None is the identity (src has x's rows): eval mode and batches that keep every sample."""
+    return _scaled_index_add_impl(x, index, src, scaling, alpha)
+
+
+@_scaled_index_add_op.register_kernel("cuda")
+def _scaled_index_add_op_cuda(x: torch.Tensor, index: torch.Tensor | None, src: torch.Tensor,
+                              scaling: torch.Tensor | None, alpha: float) -> torch.Tensor:
+    return _scaled_index_add_impl(x, index, src, scaling, alpha)
+
+
+@_scaled_index_add_op.register_fake
+def _scaled_index_add_op_fake(x: torch.Tensor, index: torch.Tensor | None, src: torch.Tensor,
+                              scaling: torch.Tensor | None, alpha: float) -> torch.Tensor:
+    return x.new_empty(x.shape)
+
+
+def _scaled_index_add_backward_impl(grad: torch.Tensor, index: torch.Tensor | None, src: torch.Tensor,
+                                    scaling: torch.Tensor | None, alpha: float,
+                                    need_scaling_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    impl = _implementation(grad.device, "scaled_index_add", grad.dtype)
+    no_scaling_grad = grad.new_empty(0)  # the op always returns two tensors
+    if impl in ("reference", "cpu"):
+        acc = _accumulation_dtype(grad.dtype)
+        rows = (grad if index is None else grad.index_select(0, index)).to(acc)
+        factor = alpha if scaling is None else alpha * scaling.to(acc)
+        grad_src = (rows * factor).to(src.dtype).contiguous()
+        if not need_scaling_grad:
+            return grad_src, no_scaling_grad
+        grad_scaling = alpha * (rows * src.to(acc)).reshape(-1, scaling.shape[0]).sum(0)
+        return grad_src, grad_scaling.to(scaling.dtype)
+    grad_src = torch.empty_like(src, memory_format=torch.contiguous_format)
+    if index is None:
+        index = _identity(grad.shape[0], grad.device)
+    product = _gather_triton(grad.contiguous(), index, grad_src, alpha, _scaling_fp32(scaling),
+                             src.contiguous() if need_scaling_grad else None)
+    if not need_scaling_grad:
+        return grad_src, no_scaling_grad
+    return grad_src, (alpha * product).to(scaling.dtype)
+
+
+@torch.library.custom_op("dino_kernels::scaled_index_add_backward", mutates_args=(), device_types="cpu")
+def _scaled_index_add_backward_op(grad: torch.Tensor, index: torch.Tensor | None, src: torch.Tensor,
+                                  scaling: torch.Tensor | None, alpha: float,
+                                  need_scaling_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grad of src (``alpha * scaling * grad[index]``) and of scaling ((0,) when not needed)."""
+    return _scaled_index_add_backward_impl(grad, index, src, scaling, alpha, need_scaling_grad)
+
+
+@_scaled_index_add_backward_op.register_kernel("cuda")
+def _scaled_index_add_backward_op_cuda(grad: torch.Tensor, index: torch.Tensor | None, src: torch.Tensor,
+                                       scaling: torch.Tensor | None, alpha: float,
+                                       need_scaling_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _scaled_index_add_backward_impl(grad, index, src, scaling, alpha, need_scaling_grad)
+
+
+@_scaled_index_add_backward_op.register_fake
+def _scaled_index_add_backward_op_fake(grad: torch.Tensor, index: torch.Tensor | None, src: torch.Tensor,
+                                       scaling: torch.Tensor | None, alpha: float,
+                                       need_scaling_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    grad_scaling = scaling.new_empty(scaling.shape) if need_scaling_grad else grad.new_empty((0,))
+    return src.new_empty(src.shape), grad_scaling
+
+
+def _scaled_index_add_setup(ctx, inputs, output) -> None:
+    x, index, src, scaling, alpha = inputs
+    ctx.alpha = alpha
+    ctx.need_scaling_grad = scaling is not None and ctx.needs_input_grad[3]
+    # src is only needed for the gradient of scaling: do not keep the branch output alive otherwise.
+    ctx.save_for_backward(index, src if ctx.need_scaling_grad else None, scaling)
+    ctx.src_meta = (src.shape, src.dtype, src.device)
+
+
+def _scaled_index_add_grads(ctx, grad, backward):
+    """Gradients of (x, index, src, scaling, alpha); ``backward`` is the backward op or, eagerly, its impl."""
+    index, src, scaling = ctx.saved_tensors
+    grad_src = grad_scaling = None
+    if ctx.needs_input_grad[2] or ctx.need_scaling_grad:
+        if src is None:  # a (0-stride) stand-in with src's metadata: the kernels never read it
+            shape, dtype, device = ctx.src_meta
+            src = torch.empty((), dtype=dtype, device=device).expand(shape)
+        grad_src, grad_scaling = backward(grad, index, src, scaling, ctx.alpha, ctx.need_scaling_grad)
+    return (grad, None, grad_src if ctx.needs_input_grad[2] else None,
+            grad_scaling if ctx.need_scaling_grad else None, None)
+
+
+torch.library.register_autograd(
+    "dino_kernels::scaled_index_add",
+    lambda ctx, grad: _scaled_index_add_grads(ctx, grad, _scaled_index_add_backward_op),
+    setup_context=_scaled_index_add_setup)
+
+
+class _ScaledIndexAdd(torch.autograd.Function):
+    """The op's eager twin: same impls and formulas, without the custom-op wrapper's per-call cost (tens of µs,
+    which on a GPU would exceed the kernels' own time at DINO shapes)."""
+
+    @staticmethod
+    def forward(ctx, x, index, src, scaling, alpha):  # ctx first: a separate setup_context costs a signature bind
+        _scaled_index_add_setup(ctx, (x, index, src, scaling, alpha), None)
+        return _scaled_index_add_impl(x, index, src, scaling, alpha)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _scaled_index_add_grads(ctx, grad, _scaled_index_add_backward_impl)
+
+
+def _scaled_index_add(x: torch.Tensor, index: torch.Tensor | None, src: torch.Tensor, scaling: torch.Tensor | None,
+                      alpha: float) -> torch.Tensor:
+    """The registered op under torch.compile (opaque to the tracer, with a fake), the eager twin otherwise."""
+    if torch.compiler.is_compiling():
+        return _scaled_index_add_op(x, index, src, scaling, alpha)
+    return _ScaledIndexAdd.apply(x, index, src, scaling, alpha)
+
+
+# ------------------------------------------------------------------------------------ index_select_cat ops
+def _index_select_cat_impl(xs: list[torch.Tensor], indices: list[torch.Tensor]) -> torch.Tensor:
+    impl = _implementation(xs[0].device, "index_select_cat", xs[0].dtype)
+    if impl == "reference":
+        return reference.index_select_cat(xs, indices)
+    rows = [i.shape[0] * math.prod(x.shape[1:-1]) for x, i in zip(xs, indices)]
+    out = xs[0].new_empty((sum(rows), xs[0].shape[-1]))
+    # Each group writes straight into its slice of the packed output: no per-group temporary, no torch.cat.
+    # One launch per group (DINO has one or two groups): a multi-group launch would need a table of base pointers,
+    # which the Triton interpreter cannot load.
+    for x, index, part in zip(xs, indices, out.split(rows)):
+        target = part.view(index.shape[0], *x.shape[1:])
+        if impl == "cpu":
+            torch.index_select(x, 0, index, out=target)
+        else:
+            _gather_triton(x.contiguous(), index, target, 1.0, None, None)
+    return out
+
+
+@torch.library.custom_op("dino_kernels::index_select_cat", mutates_args=(), device_types="cpu")
+def _index_select_cat_op(xs: list[torch.Tensor], indices: list[torch.Tensor]) -> torch.Tensor:
+    return _index_select_cat_impl(xs, indices)
+
+
+@_index_select_cat_op.register_kernel("cuda")
+def _index_select_cat_op_cuda(xs: list[torch.Tensor], indices: list[torch.Tensor]) -> torch.Tensor:
+    return _index_select_cat_impl(xs, indices)
+
+
+@_index_select_cat_op.register_fake
+def _index_select_cat_op_fake(xs: list[torch.Tensor], indices: list[torch.Tensor]) -> torch.Tensor:
+    rows = sum(i.shape[0] * math.prod(x.shape[1:-1]) for x, i in zip(xs, indices))
+    return xs[0].new_empty((rows, xs[0].shape[-1]))
+
+
+def _index_select_cat_backward_impl(grad: torch.Tensor, indices: list[torch.Tensor], group_rows: list[int],
+                                    group_tokens: list[int]) -> list[torch.Tensor]:
+    width = grad.shape[-1]
+    impl = _implementation(grad.device, "index_select_cat", grad.dtype)
+    grads = []
+    parts = grad.split([i.shape[0] * n for i, n in zip(indices, group_tokens)])
+    for index, rows, tokens, part in zip(indices, group_rows, group_tokens, parts):
+        part = part.reshape(index.shape[0], tokens, width)
+        if impl in ("reference", "cpu"):
+            acc = _accumulation_dtype(grad.dtype)
+            zeros = grad.new_zeros((rows, tokens, width), dtype=acc)
+            grads.append(zeros.index_add_(0, index, part.to(acc)).to(grad.dtype))
+        else:
+            out = grad.new_empty((rows, tokens, width))
+            _index_add_triton(None, index, part.contiguous(), out, 1.0, None)
+            grads.append(out)
+    return grads
+
+
+@torch.library.custom_op("dino_kernels::index_select_cat_backward", mutates_args=(), device_types="cpu")
+def _index_select_cat_backward_op(grad: torch.Tensor, indices: list[torch.Tensor], group_rows: list[int],
+                                  group_tokens: list[int]) -> list[torch.Tensor]:
+    """Per group: a (B_i, M_i, D) zero tensor with the packed grad rows added at their indices."""
+    return _index_select_cat_backward_impl(grad, indices, group_rows, group_tokens)
+
+
+@_index_select_cat_backward_op.register_kernel("cuda")
+def _index_select_cat_backward_op_cuda(grad: torch.Tensor, indices: list[torch.Tensor], group_rows: list[int],
+                                       group_tokens: list[int]) -> list[torch.Tensor]:
+    return _index_select_cat_backward_impl(grad, indices, group_rows, group_tokens)
+
+
+@_index_select_cat_backward_op.register_fake
+def _index_select_cat_backward_op_fake(grad: torch.Tensor, indices: list[torch.Tensor], group_rows: list[int],
+                                       group_tokens: list[int]) -> list[torch.Tensor]:
+    return [grad.new_empty((rows, tokens, grad.shape[-1])) for rows, tokens in zip(group_rows, group_tokens)]
+
+
+def _index_select_cat_setup(ctx, xs, indices) -> None:
+    ctx.save_for_backward(*indices)
+    ctx.shapes = [x.shape for x in xs]
+
+
+def _index_select_cat_grads(ctx, grad, backward) -> list[torch.Tensor]:
+    """Gradients of every group; ``backward`` is the backward op or, eagerly, its impl."""
+    rows = [shape[0] for shape in ctx.shapes]
+    tokens = [math.prod(shape[1:-1]) for shape in ctx.shapes]
+    grads = backward(grad, list(ctx.saved_tensors), rows, tokens)
+    return [g.view(shape) for g, shape in zip(grads, ctx.shapes)]
+
+
+torch.library.register_autograd(
+    "dino_kernels::index_select_cat",
+    lambda ctx, grad: (_index_select_cat_grads(ctx, grad, _index_select_cat_backward_op), [None] * len(ctx.shapes)),
+    setup_context=lambda ctx, inputs, output: _index_select_cat_setup(ctx, *inputs))
+
+
+class _IndexSelectCat(torch.autograd.Function):
+    """The op's eager twin (see _ScaledIndexAdd). Tensors inside a list are invisible to autograd.Function, hence
+    ``apply(n_groups, *xs, *indices)``."""
+
+    @staticmethod
+    def forward(ctx, n_groups, *tensors):
+        xs, indices = list(tensors[:n_groups]), list(tensors[n_groups:])
+        _index_select_cat_setup(ctx, xs, indices)
+        return _index_select_cat_impl(xs, indices)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grads = _index_select_cat_grads(ctx, grad, _index_select_cat_backward_impl)
+        return None, *grads, *([None] * len(grads))
+
+
+def _index_select_cat(xs: list[torch.Tensor], indices: list[torch.Tensor]) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return _index_select_cat_op(xs, indices)
+    return _IndexSelectCat.apply(len(xs), *xs, *indices)
+
+
+# ------------------------------------------------------------------------------------------- public API
+def _check_index(name: str, index: object, rows: int, device: torch.device) -> torch.Tensor:
+    index = check_tensor(name, index)
+    if index.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must have dtype int64 or int32; got {str(index.dtype).removeprefix('torch.')}")
+    if index.dim() != 1:
+        raise ValueError(f"{name} must be 1-d; got shape {tuple(index.shape)}")
+    if index.device != device:
+        raise ValueError(f"{name} is on {index.device} but the tensor it indexes is on {device}")
+    if index.numel() == 0 or torch.compiler.is_compiling():
+        # Under torch.compile a value check would be a data-dependent branch; the kernels' masks still keep every
+        # access inside the tensors.
+        return index
+    if device.type == "cuda" and not debug_enabled():
+        # A host check would sync every call: assert on the device instead (as packed_attention does).
+        in_range = (index >= 0).logical_and_(index < rows).all()
+        torch._assert_async(in_range, f"{name} holds row numbers outside [0, {rows}); set {DEBUG_ENV_VAR}=1 for "
+                                      "an IndexError with the values")
+        return index
+    low, high = torch.stack(torch.aminmax(index)).tolist()
+    if low < 0 or high >= rows:
+        raise IndexError(f"{name} must hold row numbers in [0, {rows}); got values in [{low}, {high}]")
+    return index
+
+
+def debug_enabled() -> bool:
+    """``DINO_KERNELS_DEBUG=1``: check index values on CUDA on the host too (an IndexError, at a sync per call)."""
+    return os.environ.get(DEBUG_ENV_VAR, "0") == "1"
+
+
+def _check_scaling(scaling: object, width: int, device: torch.device) -> torch.Tensor:
+    check_floating("scaling", scaling)
+    if scaling.shape != (width,):
+        raise ValueError(f"scaling must have shape ({width},) (the last dim of x); got {tuple(scaling.shape)}")
+    if scaling.device != device:
+        raise ValueError(f"scaling is on {scaling.device} but x is on {device}; all must be on one device")
+    return scaling
+
+
+def _check_alpha(alpha: object) -> float:
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+        raise TypeError(f"alpha must be a float, got {type(alpha).__name__}")
+    return float(alpha)
+
+
+def scaled_index_add(x: torch.Tensor, index: torch.Tensor, src: torch.Tensor, *, alpha: float = 1.0,
+                     scaling: torch.Tensor | None = None) -> torch.Tensor:
+    """Out of place ``out = x; out[index[j]] += alpha * scaling * src[j]`` (xformers' ``scaled_index_add``).
+
+    Args:
+        x: (B, ..., D) float32/float16/bfloat16/float64.
+        index: (k,) int64 or int32 rows of x in [0, B), else ``IndexError`` (on CUDA a device-side assert unless
+            ``DINO_KERNELS_DEBUG=1``). Duplicates accumulate (like ``torch.index_add``), deterministically.
+        src: (k, ..., D), the trailing shape of x; cast to x's dtype when it differs (as DINOv2 does).
+        alpha: a Python float multiplying every added row (``B / kept`` in stochastic depth).
+        scaling: optional (D,) LayerScale vector, any float dtype, multiplied into src along the last dim.
+
+    Returns a new contiguous tensor shaped and typed like x; math in fp32 (fp64 for fp64), one rounding.
+    Differentiable in x, src and scaling.
+    """
+    check_floating("x", x)
+    check_floating("src", src)
+    if x.dim() < 2:
+        raise ValueError(f"x must be (B, ..., D) with at least 2 dims; got shape {tuple(x.shape)}")
+    check_same_device(x=x, src=src)
+    index = _check_index("index", index, x.shape[0], x.device)
+    if src.dim() != x.dim() or src.shape[1:] != x.shape[1:]:
+        raise ValueError(f"src must have shape (len(index), *x.shape[1:]) = ({index.shape[0]}, "
+                         f"{', '.join(map(str, x.shape[1:]))}); got {tuple(src.shape)}")
+    if src.shape[0] != index.shape[0]:
+        raise ValueError(f"src must have one row per index: len(index) = {index.shape[0]}, src has {src.shape[0]}")
+    if scaling is not None:
+        _check_scaling(scaling, x.shape[-1], x.device)
+    alpha = _check_alpha(alpha)
+    return _scaled_index_add(x, index, src.to(x.dtype), scaling, alpha)
+
+
+def index_select_cat(xs: Sequence[torch.Tensor], indices: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Gather rows ``xs[i][indices[i]]`` of several groups into one packed tensor (xformers' ``index_select_cat``).
+
+    Args:
+        xs: groups (B_i, ..., D) with the same last dim D, dtype and device (e.g. DINO's (B_i, N_i, D) crops).
+        indices: (k_i,) int64/int32 rows of each group, in [0, B_i) (checked like scaled_index_add's index);
+            repeated rows are gathered repeatedly and their gradients accumulate.
+
+    Returns (sum_i k_i * M_i, D) with M_i the product of xs[i].shape[1:-1]: group after group, each selected row's
+    tokens contiguous, i.e. ``torch.cat([x[i].reshape(-1, D) for x, i in zip(xs, indices)])``, the layout of
+    :func:`dino_kernels.pack` (``.view(-1)`` gives xformers' flat layout). Differentiable in every xs[i].
+    """
+    xs, indices = list(xs), list(indices)
+    if not xs:
+        raise ValueError("xs must hold at least one tensor; got an empty list")
+    if len(indices) != len(xs):
+        raise ValueError(f"indices must have one index per group: {len(xs)} groups, {len(indices)} indices")
+    for i, x in enumerate(xs):
+        check_floating(f"xs[{i}]", x)
+        if x.dim() < 2:
+            raise ValueError(f"xs[{i}] must be (B, ..., D) with at least 2 dims; got shape {tuple(x.shape)}")
+        if x.dtype != xs[0].dtype:
+            raise TypeError(f"every group must have one dtype: xs[0] is {xs[0].dtype}, xs[{i}] is {x.dtype}")
+        if x.shape[-1] != xs[0].shape[-1]:
+            raise ValueError(f"every group must have the last dim of xs[0] ({xs[0].shape[-1]}); "
+                             f"xs[{i}] has shape {tuple(x.shape)}")
+        check_same_device(**{"xs[0]": xs[0], f"xs[{i}]": x})
+        _check_index(f"indices[{i}]", indices[i], x.shape[0], x.device)
+    return _index_select_cat(xs, indices)
+
+
+# ------------------------------------------------------------------------------------- drop_add_residual
+def _check_drop_rate(drop_rate: object) -> float:
+    if not isinstance(drop_rate, (int, float)) or isinstance(drop_rate, bool):
+        raise TypeError(f"drop_rate must be a float, got {type(drop_rate).__name__}")
+    if not 0.0 <= drop_rate < 1.0:
+        raise ValueError(f"drop_rate must be in [0, 1); got {drop_rate}")
+    return float(drop_rate)
+
+
+def _kept_samples(batch: int, drop_rate: float, generator: torch.Generator | None,
+                 device: torch.device) -> tuple[torch.Tensor | None, int]:
+    """DINOv2's subset: ``keep = max(int(B * (1 - drop_rate)), 1)`` rows of ``randperm(B)``.
+
+    Returns (None, B) without drawing random numbers when every sample is kept.
+    """
+    keep = max(int(batch * (1.0 - drop_rate)), 1)
+    if keep >= batch:
+        return None, batch
+    rng_device = generator.device if generator is not None else device
+    return torch.randperm(batch, generator=generator, device=rng_device)[:keep].to(device), keep
+
+
+@functools.lru_cache(maxsize=64)
+def _cu_seqlens(lengths: tuple[tuple[int, int], ...], device: torch.device) -> torch.Tensor:
+    """int32 (S + 1,) offsets of ``count`` sequences of ``tokens`` each, per (count, tokens) group; cached."""
+    seqlens = [tokens for count, tokens in lengths for _ in range(count)]
+    return torch.tensor([0, *itertools.accumulate(seqlens)], dtype=torch.int32, device=device)
+
+
+def _check_residual(residual: object, shape: tuple[int, ...], what: str) -> torch.Tensor:
+    if not isinstance(residual, torch.Tensor):
+        raise TypeError(f"branch must return a torch.Tensor, got {type(residual).__name__}")
+    if tuple(residual.shape) != shape:
+        raise ValueError(f"branch must return the shape of its input {what} {shape}; got {tuple(residual.shape)}")
+    return residual
+
+
+def _check_group(name: str, x: object) -> torch.Tensor:
+    check_floating(name, x)
+    if x.dim() != 3:
+        raise ValueError(f"{name} must be (B, N, D); got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} must hold at least one sample; got shape {tuple(x.shape)}")
+    return x
+
+
+def _drop_add_residual_tensor(x, branch, drop_rate, training, generator, scaling):
+    batch, tokens, width = _check_group("x", x).shape
+    kept, keep = _kept_samples(batch, drop_rate, generator, x.device) if training else (None, batch)
+    subset = x if kept is None else _index_select_cat([x], [kept]).view(keep, tokens, width)
+    residual = _check_residual(branch(subset), (keep, tokens, width), "x[kept]")
+    return _scaled_index_add(x, kept, residual.to(x.dtype), scaling, batch / keep)
+
+
+def _drop_add_residual_list(xs, branch, drop_rate, training, generator, scaling):
+    xs = [_check_group(f"xs[{i}]", x) for i, x in enumerate(xs)]
+    if not xs:
+        raise ValueError("xs must hold at least one crop group; got an empty list")
+    for i, x in enumerate(xs):
+        if x.shape[-1] != xs[0].shape[-1] or x.dtype != xs[0].dtype:
+            raise ValueError(f"every crop group must have the dim and dtype of xs[0] ({xs[0].shape[-1]}, "
+                             f"{xs[0].dtype}); xs[{i}] has shape {tuple(x.shape)} and dtype {x.dtype}")
+        check_same_device(**{"xs[0]": xs[0], f"xs[{i}]": x})
+    drawn = [_kept_samples(x.shape[0], drop_rate, generator, x.device) if training else (None, x.shape[0])
+             for x in xs]
+    # Groups that keep every sample are gathered with the identity (cached): packing needs the copy anyway.
+    gather = [kept if kept is not None else _identity(x.shape[0], x.device)
+              for x, (kept, _) in zip(xs, drawn)]
+    packed = _index_select_cat(xs, gather)
+    lengths = tuple((keep, x.shape[1]) for x, (_, keep) in zip(xs, drawn))
+    residual = branch(packed, _cu_seqlens(lengths, packed.device), max(x.shape[1] for x in xs))
+    residual = _check_residual(residual, tuple(packed.shape), "packed tensor")
+    parts = residual.split([keep * tokens for keep, tokens in lengths])
+    return [_scaled_index_add(x, kept, part.reshape(keep, *x.shape[1:]).to(x.dtype), scaling, x.shape[0] / keep)
+            for x, (kept, keep), part in zip(xs, drawn, parts)]
+
+
+def drop_add_residual(
+    x: torch.Tensor | Sequence[torch.Tensor],
+    branch: Callable[..., torch.Tensor],
+    drop_rate: float,
+    *,
+    training: bool = True,
+    generator: torch.Generator | None = None,
+    scaling: torch.Tensor | None = None,
+) -> torch.Tensor | list[torch.Tensor]:
+    """Residual add with sample-skipping stochastic depth (DINOv2's ``drop_add_residual_stochastic_depth``).
+
+    Tensor form: x (B, N, D). In training, keep = max(int(B * (1 - drop_rate)), 1) samples drawn uniformly without
+    replacement (``torch.randperm`` from ``generator`` when given), run ``branch`` ((b, N, D) -> (b, N, D)) on those
+    rows only and return ``x + (B / keep) * scaling * branch(x[kept])`` on kept rows, x on the others. With
+    ``training=False``: ``x + scaling * branch(x)``. When every sample is kept no random numbers are drawn.
+
+    Multi-crop form: x a list of crop groups (B_i, N_i, D) with one D, dtype and device. Each group keeps its own
+    subset; the kept samples of all groups are gathered into one packed (sum_i keep_i * N_i, D) tensor and
+    ``branch(packed, cu_seqlens, max_seqlen)`` runs once on it (``cu_seqlens`` int32 (S + 1,), one sequence per
+    kept image, ``max_seqlen`` = max N_i: the convention of :func:`dino_kernels.packed_attention`). Returns the list.
+
+    Args:
+        drop_rate: in [0, 1), else ``ValueError``.
+        scaling: optional (D,) LayerScale vector fused into the add.
+
+    Differentiable in x, in the branch's parameters and in scaling. The branch output is cast to x's dtype.
+    """
+    drop_rate = _check_drop_rate(drop_rate)
+    if not callable(branch):
+        raise TypeError(f"branch must be callable, got {type(branch).__name__}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    groups = [x] if isinstance(x, torch.Tensor) else list(x) if isinstance(x, (list, tuple)) else None
+    if groups is None:
+        raise TypeError(f"x must be a tensor (B, N, D) or a list of them; got {type(x).__name__}")
+    if scaling is not None and groups and isinstance(groups[0], torch.Tensor):
+        _check_scaling(scaling, groups[0].shape[-1], groups[0].device)
+    if isinstance(x, torch.Tensor):
+        return _drop_add_residual_tensor(x, branch, drop_rate, training, generator, scaling)
+    return _drop_add_residual_list(groups, branch, drop_rate, training, generator, scaling)

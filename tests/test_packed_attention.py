@@ -1,0 +1,384 @@
+"""Packed block-diagonal attention: outputs and dq/dk/dv against a float64 per-sequence reference.
+
+The Triton kernels run in the interpreter here (one numpy pass per program), so the parity grid is sampled rather
+than crossed: every head dim in fp32 and fp16, every length class (a lone token, block edges 63/64/65/128/129, DINO
+global+local mixes, random lengths 1-300) and H in {1, 3, 6} appear, each case under both `auto` (CPU) and `triton`.
+"""
+
+import importlib
+import random
+
+import pytest
+import torch
+from conftest import CPU_BACKENDS, TOLERANCE, rel_error
+
+import dino_kernels
+from dino_kernels import reference
+
+pa = importlib.import_module("dino_kernels.packed_attention")  # the package attribute is the function
+
+
+def _cu(lengths):
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+
+
+def _random_lengths(n, seed):
+    rng = random.Random(seed)
+    return [rng.randint(1, 300) for _ in range(n)]
+
+
+def _inputs(lengths, heads, dim, dtype, requires_grad=True):
+    total = sum(lengths)
+    q, k, v = (torch.randn(total, heads, dim).to(dtype).requires_grad_(requires_grad) for _ in range(3))
+    return q, k, v, _cu(lengths)
+
+
+def _expected(q, k, v, cu, grad_out, scale=None):
+    """Output and gradients in float64 from the same (rounded) inputs."""
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    out = reference.packed_attention(*leaves, cu, scale)
+    grads = torch.autograd.grad(out, leaves, grad_out.double())
+    return out.detach(), grads
+
+
+def _assert_close(actual, expected, dtype, what):
+    # A gradient that is exactly zero in float64 (dq, dk of length-1 sequences) is compared absolutely.
+    error = rel_error(actual, expected)
+    assert error <= TOLERANCE[dtype], f"{what}: relative error {error:.3g} > {TOLERANCE[dtype]}"
+
+
+# (name, lengths, H, D, dtype): every D in fp32 and fp16, every length class, every H.
+CASES = [
+    ("one-token", [1], 1, 16, torch.float32),
+    ("one-token", [1], 3, 128, torch.float16),
+    ("edges", [5, 1, 64, 65, 129], 3, 32, torch.float32),
+    ("edges", [5, 1, 64, 65, 129], 1, 16, torch.float16),
+    ("edges", [63, 128, 2], 1, 128, torch.float32),
+    ("vit-s16-mix", [197, 197, 37, 37, 37], 6, 64, torch.float16),
+    ("vit-l14-mix", [50, 257, 50], 3, 64, torch.float32),  # equal lengths apart: the CPU path gathers them
+    ("vit-l14-mix", [257, 257, 50], 1, 32, torch.float16),
+    ("random", _random_lengths(6, seed=1), 1, 64, torch.float16),
+    ("random", _random_lengths(5, seed=2), 1, 128, torch.float32),
+]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("name,lengths,heads,dim,dtype", CASES,
+                         ids=[f"{c[0]}-H{c[2]}-D{c[3]}-{str(c[4]).removeprefix('torch.')}" for c in CASES])
+def test_matches_float64_reference(backend, name, lengths, heads, dim, dtype):
+    q, k, v, cu = _inputs(lengths, heads, dim, dtype)
+    grad_out = torch.randn(q.shape).to(dtype)
+    expected, expected_grads = _expected(q, k, v, cu, grad_out)
+    with dino_kernels.backend(backend):
+        out = dino_kernels.packed_attention(q, k, v, cu, max(lengths))
+        grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    assert out.shape == q.shape and out.dtype == dtype
+    _assert_close(out, expected, dtype, "out")
+    for g, e, what in zip(grads, expected_grads, ("dq", "dk", "dv")):
+        assert g.dtype == dtype
+        _assert_close(g, e, dtype, what)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled Triton kernels need a CUDA GPU")
+def test_cuda_kernels_match_float64_reference():
+    """The compiled kernels on a GPU, bf16 included, every head dim, DINO-like mixes with every length class."""
+    lengths = [197, 197] + [37] * 10 + [257, 50, 1, 64, 65, 129] + _random_lengths(8, seed=3)
+    for dim in pa.HEAD_DIMS:
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            q, k, v, cu = _inputs(lengths, 6, dim, dtype)
+            q, k, v, cu = (t.detach().cuda() for t in (q, k, v, cu))
+            q, k, v = (t.requires_grad_() for t in (q, k, v))
+            grad_out = torch.randn(q.shape, device="cuda").to(dtype)
+            expected, expected_grads = _expected(q, k, v, cu, grad_out)
+            out = dino_kernels.packed_attention(q, k, v, cu, max(lengths))
+            grads = torch.autograd.grad(out, (q, k, v), grad_out)
+            for actual, exact, what in zip((out, *grads), (expected, *expected_grads), ("out", "dq", "dk", "dv")):
+                _assert_close(actual, exact, dtype, f"D={dim} {dtype} {what}")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_very_negative_scores_stay_finite(backend):
+    """Every score near -190, so the LSE is too: a padded key's zero score would give exp(190) = inf in fp32 unless
+    the kernels mask it. Such inputs are ill-conditioned (scores cancel at magnitude 190), so the bound is
+    flash-attn's rule: at most twice the error of the same computation in plain fp32 PyTorch."""
+    lengths, dim = [5, 70, 1, 130], 16
+    total = sum(lengths)
+    direction = torch.nn.functional.normalize(torch.randn(dim), dim=0)
+    q = (28 * direction + 0.1 * torch.randn(total, 1, dim)).requires_grad_()
+    k = (-28 * direction + 0.1 * torch.randn(total, 1, dim)).requires_grad_()
+    v = torch.randn(total, 1, dim, requires_grad=True)
+    cu, grad_out = _cu(lengths), torch.randn(total, 1, dim)
+    expected, expected_grads = _expected(q, k, v, cu, grad_out)
+    assert reference.packed_attention_lse(q.double(), k.double(), cu).max() < -150
+    same_dtype = [t.detach().requires_grad_() for t in (q, k, v)]
+    fp32_out = reference.packed_attention(*same_dtype, cu)
+    fp32_grads = torch.autograd.grad(fp32_out, same_dtype, grad_out)
+    with dino_kernels.backend(backend):
+        out = dino_kernels.packed_attention(q, k, v, cu, max(lengths))
+        grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    for actual, fp32, exact in zip((out, *grads), (fp32_out, *fp32_grads), (expected, *expected_grads)):
+        assert torch.isfinite(actual).all()
+        assert rel_error(actual, exact) <= 2 * rel_error(fp32, exact)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_log_sum_exp_saved_for_backward(backend):
+    lengths = [3, 70, 1]
+    q, k, v, cu = _inputs(lengths, 2, 16, torch.float32, requires_grad=False)
+    with dino_kernels.backend(backend):
+        _, lse = torch.ops.dino_kernels.packed_attention_fwd(q, k, v, cu, 70, 0.3)
+    assert lse.shape == (2, sum(lengths)) and lse.dtype == torch.float32
+    expected = reference.packed_attention_lse(q.double(), k.double(), cu, 0.3)
+    assert rel_error(lse, expected) <= 1e-6
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_strided_views_scale_and_upper_bound_max_seqlen(backend):
+    """q, k, v as DINO gets them, ``qkv.unbind(1)`` of a (T, 3, H, D) projection; a custom scale; max_seqlen only an
+    upper bound; a zero-length sequence in the middle."""
+    lengths = [40, 0, 66, 3]
+    total, heads, dim = sum(lengths), 2, 32
+    qkv = torch.randn(total, 3, heads, dim, requires_grad=True)
+    q, k, v = qkv.unbind(1)
+    cu = _cu(lengths)
+    grad_out = torch.randn(total, heads, dim)
+    expected, expected_grads = _expected(q, k, v, cu, grad_out, scale=0.07)
+    with dino_kernels.backend(backend):
+        out = dino_kernels.packed_attention(q, k, v, cu, 300, scale=0.07)
+        (dqkv,) = torch.autograd.grad(out, qkv, grad_out)
+    _assert_close(out, expected, torch.float32, "out")
+    for i, e in enumerate(expected_grads):
+        _assert_close(dqkv[:, i], e, torch.float32, f"grad {i}")
+
+
+def test_bfloat16_and_float64_on_cpu():
+    lengths = [37, 5, 197]
+    for dtype, tolerance in ((torch.bfloat16, TOLERANCE[torch.bfloat16]), (torch.float64, 1e-12)):
+        q, k, v, cu = _inputs(lengths, 2, 64, dtype)
+        grad_out = torch.randn(q.shape).to(dtype)
+        expected, expected_grads = _expected(q, k, v, cu, grad_out)
+        out = dino_kernels.packed_attention(q, k, v, cu, 197)
+        grads = torch.autograd.grad(out, (q, k, v), grad_out)
+        assert out.dtype == dtype
+        assert rel_error(out, expected) <= tolerance
+        assert all(rel_error(g, e) <= tolerance for g, e in zip(grads, expected_grads))
+
+
+def test_gradcheck_float64_cpu():
+    q, k, v, cu = _inputs([3, 1, 4], 2, 8, torch.float64)
+    assert torch.autograd.gradcheck(lambda q, k, v: dino_kernels.packed_attention(q, k, v, cu, 4), (q, k, v))
+
+
+def test_reference_backend_and_reference_forms_agree():
+    lengths = [6, 1, 9]
+    q, k, v, cu = _inputs(lengths, 3, 16, torch.float64)
+    grad_out = torch.randn(q.shape, dtype=torch.float64)
+    expected, expected_grads = _expected(q, k, v, cu, grad_out)
+    # The closed-form backward against autograd of the forward.
+    for g, e in zip(reference.packed_attention_backward(grad_out, q, k, v, cu), expected_grads):
+        assert rel_error(g, e) <= 1e-12
+    # Dense attention under the block-diagonal mask is packed attention.
+    mask = reference.block_diagonal_mask(cu, sum(lengths))
+    dense = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                                             attn_mask=mask).transpose(0, 1)
+    assert rel_error(dense, expected) <= 1e-12
+    with dino_kernels.backend("reference"):
+        out = dino_kernels.packed_attention(q, k, v, cu, 9)
+        grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    assert rel_error(out, expected) <= 1e-12
+    assert all(rel_error(g, e) <= 1e-12 for g, e in zip(grads, expected_grads))
+
+
+def test_unsupported_head_dim_falls_back_to_reference_with_a_warning():
+    q, k, v, cu = _inputs([5, 9], 1, 24, torch.float32)
+    expected, _ = _expected(q, k, v, cu, torch.ones(q.shape))
+    with dino_kernels.backend("triton"), pytest.warns(UserWarning, match="head dim 24 has no Triton kernel"):
+        out = dino_kernels.packed_attention(q, k, v, cu, 9)
+    _assert_close(out, expected, torch.float32, "out")
+
+
+# ------------------------------------------------------------------------------------------ pack / unpack
+def test_pack_unpack_round_trip_and_dino_equivalence():
+    """pack() of DINO crop groups: packed attention equals one SDPA call per crop group (what DINO v1/v3 run)."""
+    heads, dim = 2, 16
+    xs = [torch.randn(4, 17, heads * dim, requires_grad=True), torch.randn(6, 5, heads * dim, requires_grad=True)]
+    packed, cu, max_seqlen = dino_kernels.pack(xs)
+    assert packed.shape == (4 * 17 + 6 * 5, heads * dim)
+    assert cu.dtype == torch.int32 and cu.tolist() == [17 * i for i in range(5)] + [68 + 5 * i for i in range(1, 7)]
+    assert max_seqlen == 17
+    again = dino_kernels.pack([x.detach() for x in xs])
+    assert again[1] is cu  # cached per shapes: no host work in the training loop
+    parts = dino_kernels.unpack(packed, [x.shape for x in xs])
+    assert all(torch.equal(p, x) for p, x in zip(parts, xs))
+    heads_view = packed.view(-1, heads, dim)
+    for backend in CPU_BACKENDS:
+        with dino_kernels.backend(backend):
+            out = dino_kernels.packed_attention(heads_view, heads_view, heads_view, cu, max_seqlen)
+        for part, x in zip(dino_kernels.unpack(out, [(b, n) for b, n, _ in (x.shape for x in xs)]), xs):
+            y = x.view(x.shape[0], x.shape[1], heads, dim).transpose(1, 2)
+            per_group = torch.nn.functional.scaled_dot_product_attention(y, y, y).transpose(1, 2)
+            assert part.shape == per_group.shape
+            _assert_close(part, per_group.detach(), torch.float32, f"{backend} group {tuple(x.shape)}")
+    out.sum().backward()  # gradients flow back through unpack/pack to the crop groups
+    assert all(x.grad is not None and x.grad.shape == x.shape for x in xs)
+
+
+@pytest.mark.parametrize(
+    "xs,error,match",
+    [
+        ([], TypeError, "non-empty list"),
+        (torch.zeros(2, 3, 4), TypeError, "non-empty list"),
+        ([torch.zeros(3, 4)], ValueError, r"xs\[0\] must be 3-d"),
+        ([torch.zeros(2, 3, 4), torch.zeros(2, 3, 5)], ValueError, r"xs\[1\] has \(5"),
+        ([torch.zeros(2, 3, 4), torch.zeros(2, 3, 4, dtype=torch.float16)], ValueError, "share D, dtype"),
+        ([torch.zeros(2, 3, 4), "x"], TypeError, r"xs\[1\] must be a torch.Tensor"),
+    ],
+)
+def test_pack_bad_input(xs, error, match):
+    with pytest.raises(error, match=match):
+        dino_kernels.pack(xs)
+
+
+def test_unpack_bad_input():
+    with pytest.raises(ValueError, match="shapes hold 12 tokens but packed has 10"):
+        dino_kernels.unpack(torch.zeros(10, 4), [(2, 3), (3, 2)])
+    with pytest.raises(ValueError, match=r"shapes\[0\] must be"):
+        dino_kernels.unpack(torch.zeros(10, 4), [(10,)])
+    with pytest.raises(TypeError, match="packed must be a torch.Tensor"):
+        dino_kernels.unpack([0.0], [(1, 1)])
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def _good():
+    q, k, v, cu = _inputs([3, 5], 2, 16, torch.float32, requires_grad=False)
+    return dict(q=q, k=k, v=v, cu_seqlens=cu, max_seqlen=5)
+
+
+BAD_INPUTS = [
+    (dict(cu_seqlens=torch.tensor([1, 3, 8], dtype=torch.int32)), ValueError, "must start at 0"),
+    (dict(cu_seqlens=torch.tensor([0, 5, 3, 8], dtype=torch.int32)), ValueError, "non-decreasing"),
+    (dict(cu_seqlens=torch.tensor([0, 3, 7], dtype=torch.int32)), ValueError, r"must end at T = q.shape\[0\] = 8"),
+    (dict(cu_seqlens=torch.tensor([0, 3, 8])), TypeError, "cu_seqlens must have dtype int32; got torch.int64"),
+    (dict(cu_seqlens=torch.tensor([[0, 3, 8]], dtype=torch.int32)), ValueError, r"cu_seqlens must be 1-d"),
+    (dict(cu_seqlens=torch.tensor([0], dtype=torch.int32)), ValueError, r"cu_seqlens must be 1-d"),
+    (dict(cu_seqlens=[0, 3, 8]), TypeError, "cu_seqlens must be a torch.Tensor"),
+    (dict(max_seqlen=4), ValueError, "max_seqlen = 4 but sequence 1 has 5 tokens"),
+    (dict(max_seqlen=3), ValueError, "max_seqlen must be >= 1 and bound"),
+    (dict(max_seqlen=5.0), TypeError, "max_seqlen must be a Python int"),
+    (dict(max_seqlen=torch.tensor(5)), TypeError, "max_seqlen must be a Python int"),
+    (dict(k=torch.zeros(8, 2, 32)), ValueError, r"k must have the shape of q, \(8, 2, 16\); got \(8, 2, 32\)"),
+    (dict(v=torch.zeros(7, 2, 16)), ValueError, r"v must have the shape of q"),
+    (dict(k=torch.zeros(8, 2, 16, dtype=torch.float16)), TypeError, "k must have the dtype of q"),
+    (dict(q=torch.zeros(8, 32)), ValueError, r"q must be 3-d \(T, H, D\); got shape \(8, 32\)"),
+    (dict(v=torch.zeros(1, 8, 2, 16)), ValueError, "v must be 3-d"),
+    (dict(q=torch.zeros(8, 2, 16, dtype=torch.int32)), TypeError, "q must be floating point"),
+    (dict(k=torch.zeros(8, 2, 16, device="meta")), ValueError, "k is on meta but q is on cpu"),
+    (dict(q="q"), TypeError, "q must be a torch.Tensor"),
+]
+
+
+DEVICES = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ("reference",))
+@pytest.mark.parametrize("change,error,match", BAD_INPUTS, ids=[m[:30] for _, _, m in BAD_INPUTS])
+def test_bad_input(monkeypatch, device, backend, change, error, match):
+    # On CUDA the values of cu_seqlens are checked on the host in debug mode only, which this test turns on.
+    monkeypatch.setenv(pa.DEBUG_ENV_VAR, "1")
+    args = {**_good(), **change}
+    args = {n: a.to(device) if isinstance(a, torch.Tensor) and a.device.type == "cpu" else a for n, a in args.items()}
+    with dino_kernels.backend(backend), pytest.raises(error, match=match.replace("cpu", device)):
+        dino_kernels.packed_attention(**args)
+
+
+@pytest.mark.parametrize("scale,error", [(0.0, ValueError), (-1.0, ValueError), (float("nan"), ValueError),
+                                         ("0.1", TypeError)])
+def test_bad_scale(scale, error):
+    with pytest.raises(error, match="scale"):
+        dino_kernels.packed_attention(**_good(), scale=scale)
+
+
+def test_triton_rejects_what_it_cannot_run():
+    args = _good()
+    with dino_kernels.backend("triton"):
+        with pytest.raises(TypeError, match="float64"):
+            dino_kernels.packed_attention(**{**args, **{n: args[n].double() for n in "qkv"}})
+        with pytest.raises(TypeError, match="bfloat16 is broken in the Triton interpreter"):
+            dino_kernels.packed_attention(**{**args, **{n: args[n].bfloat16() for n in "qkv"}})
+
+
+def test_device_side_guard_without_host_checks():
+    """On CUDA, outside debug mode, cu_seqlens values are not checked on the host: the block-table kernel clamps
+    every address and raises a device-side assertion instead. Run that path directly (interpreter, CPU)."""
+    total = 8
+    for bad in ([0, 3, 9], [0, 6, 2, 8], [2, 8], [0, 8]):
+        with pytest.raises(RuntimeError, match="invalid cu_seqlens"):
+            pa._block_table(torch.tensor(bad, dtype=torch.int32), total, max_seqlen=5)
+    table = pa._block_table(torch.tensor([0, 3, 3, 8], dtype=torch.int32), total, max_seqlen=5)
+    assert table.tolist()[:2] == [[0, 3, 0], [3, 8, 3]] and not table[2:].any()  # spare programs: empty entries
+
+
+def test_debug_mode_switch(monkeypatch):
+    monkeypatch.delenv(pa.DEBUG_ENV_VAR, raising=False)
+    assert not pa.debug_enabled()
+    monkeypatch.setenv(pa.DEBUG_ENV_VAR, "1")
+    assert pa.debug_enabled()
+
+
+def test_block_table_covers_every_block_once():
+    lengths = [1, 64, 65, 0, 200, 37, 129]
+    table = pa._block_table(_cu(lengths), sum(lengths), max(lengths))
+    cu = _cu(lengths).tolist()
+    expected = [[cu[i], cu[i + 1], cu[i] + j] for i, n in enumerate(lengths) for j in range(0, n, pa.BLOCK_M)]
+    assert table.shape[0] >= len(expected)
+    assert table.tolist()[:len(expected)] == expected and not table[len(expected):].any()
+
+
+# ------------------------------------------------------------------------------ registration and compilers
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_opcheck(backend):
+    q, k, v, cu = _inputs([5, 1, 70], 2, 16, torch.float32)
+    with dino_kernels.backend(backend):
+        torch.library.opcheck(torch.ops.dino_kernels.packed_attention_fwd.default, (q, k, v, cu, 70, 0.25))
+        out, lse = torch.ops.dino_kernels.packed_attention_fwd(q, k, v, cu, 70, 0.25)
+        grad_out = torch.randn(q.shape)
+        torch.library.opcheck(torch.ops.dino_kernels.packed_attention_bwd.default,
+                              (grad_out, q.detach(), k.detach(), v.detach(), out.detach(), lse, cu, 70, 0.25))
+
+
+def test_autocast_cpu():
+    q, k, v, cu = _inputs([37, 197], 2, 32, torch.float32)
+    grad_out = torch.randn(q.shape)
+    expected, expected_grads = _expected(q, k, v, cu, grad_out)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = dino_kernels.packed_attention(q, k, v, cu, 197)
+    assert out.dtype == torch.bfloat16
+    grads = torch.autograd.grad(out, (q, k, v), grad_out.bfloat16())
+    assert all(g.dtype == torch.float32 for g in grads)
+    assert rel_error(out, expected) <= TOLERANCE[torch.bfloat16]
+    assert all(rel_error(g, e) <= TOLERANCE[torch.bfloat16] for g, e in zip(grads, expected_grads))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_torch_compile_fullgraph(backend):
+    """An attention block (qkv projection, packed attention, output projection) compiles without graph breaks and
+    trains: the custom ops' fakes and autograd are traced."""
+    torch._dynamo.reset()
+    lengths, heads, dim = [9, 3, 70], 2, 16
+    cu = _cu(lengths)
+    x = torch.randn(sum(lengths), heads * dim, requires_grad=True)
+    qkv_proj = torch.nn.Linear(heads * dim, 3 * heads * dim)
+    out_proj = torch.nn.Linear(heads * dim, heads * dim)
+
+    def block(x):
+        q, k, v = qkv_proj(x).view(-1, 3, heads, dim).unbind(1)
+        return out_proj(dino_kernels.packed_attention(q, k, v, cu, 70).reshape(-1, heads * dim))
+
+    with dino_kernels.backend(backend):
+        eager = block(x)
+        (eager_grad,) = torch.autograd.grad(eager.square().sum(), x)
+        compiled = torch.compile(block, fullgraph=True, backend="aot_eager")(x)
+        (compiled_grad,) = torch.autograd.grad(compiled.square().sum(), x)
+    assert rel_error(compiled, eager) <= 1e-6
+    assert rel_error(compiled_grad, eager_grad) <= 1e-6
