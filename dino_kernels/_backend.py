@@ -57,6 +57,18 @@ def backend(name: str) -> Iterator[None]:
         set_backend(previous)
 
 
+DEBUG_ENV_VAR = "DINO_KERNELS_DEBUG"
+
+
+def debug_enabled() -> bool:
+    """``DINO_KERNELS_DEBUG=1``: ops also check index and ``cu_seqlens`` values of CUDA tensors on the host.
+
+    That gives a precise Python error at the cost of a host sync per call; without it, CUDA launches guard their
+    memory accesses and fail through a device-side assert instead.
+    """
+    return os.environ.get(DEBUG_ENV_VAR, "0") == "1"
+
+
 def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 

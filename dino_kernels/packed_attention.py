@@ -31,7 +31,6 @@ kernels (forward and backward), which return and take the log-sum-exp; exact in 
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -42,7 +41,7 @@ import triton.language as tl
 
 from dino_kernels import reference
 from dino_kernels._aot import AOTKernel
-from dino_kernels._backend import resolve, triton_interpreting
+from dino_kernels._backend import debug_enabled, resolve, triton_interpreting
 from dino_kernels._validation import FLOAT_DTYPES, check_ndim, check_positive, check_tensor
 
 # Rows of a program's query block (forward) and of its key and query blocks (backward); also the block size of
@@ -63,7 +62,6 @@ BWD_LAUNCH = {16: (4, 2), 32: (4, 2), 64: (4, 2), 128: (8, 2)}
 TABLE_SCAN = 1024
 TABLE_NUM_WARPS = 4
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-DEBUG_ENV_VAR = "DINO_KERNELS_DEBUG"
 
 _LOG2E = 1.4426950408889634
 _CU_SEQLENS_CACHE: OrderedDict[tuple, tuple[torch.Tensor, int]] = OrderedDict()
@@ -491,11 +489,6 @@ def _bwd_cpu(grad_out, q, k, v, out, lse, cu_seqlens, scale):
 
 
 # ---------------------------------------------------------------------------------------------- dispatch
-def debug_enabled() -> bool:
-    """``DINO_KERNELS_DEBUG=1``: check ``cu_seqlens``/``max_seqlen`` values on CUDA too (costs a host sync)."""
-    return os.environ.get(DEBUG_ENV_VAR, "0") == "1"
-
-
 def _check_cu_seqlens_values(cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> None:
     bounds = cu_seqlens.tolist()
     if bounds[0] != 0:

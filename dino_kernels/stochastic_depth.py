@@ -40,7 +40,6 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-import os
 from collections.abc import Callable, Sequence
 
 import torch
@@ -49,7 +48,7 @@ import triton.language as tl
 
 from dino_kernels import reference
 from dino_kernels._aot import AOTKernel
-from dino_kernels._backend import resolve
+from dino_kernels._backend import DEBUG_ENV_VAR, debug_enabled, resolve
 from dino_kernels._validation import check_floating, check_same_device, check_tensor
 
 # Program tiles. ROWS: 32 tokens x 128 features (4096 elements, 32 per thread); FLAT: a whole 1024-feature
@@ -62,7 +61,6 @@ FLAT_MAX_M = 4
 # contiguous, 16-byte-aligned stretches whenever the width has a power-of-two factor (e.g. DINOv2's flatten(1) rows).
 FREE_D = 1024
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-DEBUG_ENV_VAR = "DINO_KERNELS_DEBUG"
 _TRITON_TYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
@@ -556,11 +554,6 @@ def _check_index(name: str, index: object, rows: int, device: torch.device) -> t
     if low < 0 or high >= rows:
         raise IndexError(f"{name} must hold row numbers in [0, {rows}); got values in [{low}, {high}]")
     return index
-
-
-def debug_enabled() -> bool:
-    """``DINO_KERNELS_DEBUG=1``: check index values on CUDA on the host too (an IndexError, at a sync per call)."""
-    return os.environ.get(DEBUG_ENV_VAR, "0") == "1"
 
 
 def _check_scaling(scaling: object, width: int, device: torch.device) -> torch.Tensor:

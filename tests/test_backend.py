@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import dino_kernels
-from dino_kernels._backend import resolve
+from dino_kernels._backend import debug_enabled, resolve
 
 
 def test_default_is_auto_and_context_restores():
@@ -59,3 +59,10 @@ def test_environment_variable_sets_default():
     env["DINO_KERNELS_BACKEND"] = "bogus"
     bad = subprocess.run([sys.executable, "-c", "import dino_kernels"], env=env, capture_output=True, text=True)
     assert bad.returncode != 0 and "unknown dino_kernels backend 'bogus'" in bad.stderr
+
+
+def test_debug_mode_switch(monkeypatch):
+    monkeypatch.delenv("DINO_KERNELS_DEBUG", raising=False)
+    assert not debug_enabled()
+    monkeypatch.setenv("DINO_KERNELS_DEBUG", "1")
+    assert debug_enabled()

@@ -285,7 +285,7 @@ DEVICES = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
 @pytest.mark.parametrize("change,error,match", BAD_INPUTS, ids=[m[:30] for _, _, m in BAD_INPUTS])
 def test_bad_input(monkeypatch, device, backend, change, error, match):
     # On CUDA the values of cu_seqlens are checked on the host in debug mode only, which this test turns on.
-    monkeypatch.setenv(pa.DEBUG_ENV_VAR, "1")
+    monkeypatch.setenv("DINO_KERNELS_DEBUG", "1")
     args = {**_good(), **change}
     args = {n: a.to(device) if isinstance(a, torch.Tensor) and a.device.type == "cpu" else a for n, a in args.items()}
     with dino_kernels.backend(backend), pytest.raises(error, match=match.replace("cpu", device)):
@@ -317,13 +317,6 @@ def test_device_side_guard_without_host_checks():
             pa._block_table(torch.tensor(bad, dtype=torch.int32), total, max_seqlen=5)
     table = pa._block_table(torch.tensor([0, 3, 3, 8], dtype=torch.int32), total, max_seqlen=5)
     assert table.tolist()[:2] == [[0, 3, 0], [3, 8, 3]] and not table[2:].any()  # spare programs: empty entries
-
-
-def test_debug_mode_switch(monkeypatch):
-    monkeypatch.delenv(pa.DEBUG_ENV_VAR, raising=False)
-    assert not pa.debug_enabled()
-    monkeypatch.setenv(pa.DEBUG_ENV_VAR, "1")
-    assert pa.debug_enabled()
 
 
 def test_block_table_covers_every_block_once():
