@@ -160,3 +160,27 @@ def test_ema_triton_one_launch_per_dtype_group(monkeypatch):
     assert len(launches) == 2
     for t, e in zip(teacher, expected):
         assert rel_error(t, e) <= TOLERANCE[t.dtype]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA case: CUDA C++ and compiled Triton kernels, on a GPU")
+@pytest.mark.parametrize("backend", ["auto", "cuda", "triton"])
+@pytest.mark.parametrize(
+    "teacher_dtype,student_dtype",
+    [(torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16),
+     (torch.float16, torch.float32), (torch.float64, torch.float32)],
+)
+def test_ema_cuda_matches_float64(backend, teacher_dtype, student_dtype):
+    if backend == "triton" and teacher_dtype == torch.float64:
+        teacher_dtype = torch.float32  # the Triton kernel rejects fp64 teachers (tested on CPU)
+    # Disjoint views at odd offsets exercise the unaligned (scalar) path next to the 16-byte one.
+    big_t = torch.randn(1_000_003, device="cuda").to(teacher_dtype)
+    big_s = torch.randn(1_000_003, device="cuda").to(student_dtype)
+    teacher = [torch.randn(s, device="cuda").to(teacher_dtype) for s in SHAPES] + [big_t[1:500_000], big_t[500_003:]]
+    student = [torch.randn(s, device="cuda").to(student_dtype) for s in SHAPES] + [big_s[5:500_004], big_s[500_002:1_000_002]]
+    expected = _expected(teacher, student, 0.996)
+    with dino_kernels.backend(backend):
+        dino_kernels.ema_(teacher, student, 0.996)
+        dino_kernels.ema_(teacher, student, 0.996)  # second call: cached work tables
+    expected = [0.996 * e + 0.004 * s.double() for e, s in zip(expected, student)]
+    for t, e in zip(teacher, expected):
+        assert rel_error(t, e) <= 2 * TOLERANCE[teacher_dtype]
