@@ -175,8 +175,10 @@ def test_ema_cuda_matches_float64(backend, teacher_dtype, student_dtype):
     # Disjoint views at odd offsets exercise the unaligned (scalar) path next to the 16-byte one.
     big_t = torch.randn(1_000_003, device="cuda").to(teacher_dtype)
     big_s = torch.randn(1_000_003, device="cuda").to(student_dtype)
-    teacher = [torch.randn(s, device="cuda").to(teacher_dtype) for s in SHAPES] + [big_t[1:500_000], big_t[500_003:]]
-    student = [torch.randn(s, device="cuda").to(student_dtype) for s in SHAPES] + [big_s[5:500_004], big_s[500_002:1_000_002]]
+    teacher = [torch.randn(s, device="cuda").to(teacher_dtype) for s in SHAPES]
+    teacher += [big_t[1:500_000], big_t[500_003:]]
+    student = [torch.randn(s, device="cuda").to(student_dtype) for s in SHAPES]
+    student += [big_s[5:500_004], big_s[500_002:1_000_002]]
     expected = _expected(teacher, student, 0.996)
     with dino_kernels.backend(backend):
         dino_kernels.ema_(teacher, student, 0.996)

@@ -1,0 +1,67 @@
+"""One full DINO training step of `dino.train`: `--kernels fused` (ours) against `--kernels reference`.
+
+A step is what the trainer does per iteration after augmentation: teacher forward on the 2 global crops, student
+forward on all crops in one packed call, DINO loss, backward, per-tensor gradient clipping, AdamW, teacher EMA and
+center update (:meth:`dino.train.Trainer.step_on_crops`). The crops are made once up front, so the augmentation
+(identical for both providers) is not timed. Providers:
+
+- ``reference``: ``--kernels reference``: every op on plain PyTorch (per-crop-group SDPA attention, the reference
+  loss, index-based stochastic depth, a Python-loop EMA);
+- ``ours``: ``--kernels fused``: packed attention, the fused DINO loss, sample-skipping stochastic depth, fused EMA.
+
+Cases: the ``cpu-tiny`` preset on CPU (the default training of ``python -m dino.train``), and ViT-S/16 with B=64,
+2 global + 10 local crops, K=65,536, bf16 autocast on GPU (CUDA only). Each reports img/s (images per step / median)
+next to the harness's median and peak memory.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dino_kernels
+from dino.config import resolve_config
+from dino.train import Trainer
+
+CASES = {
+    # name: (device, config overrides)
+    "cpu-tiny": ("cpu", {"preset": "cpu-tiny"}),
+    "vit-s16 B=64 2+10 bf16": ("cuda", {"preset": "vit-s16", "batch_size": 64, "n_local_crops": 10, "amp": "bf16"}),
+}
+# GPU cases are collected only where CUDA is available.
+AVAILABLE = [name for name, (device, _) in CASES.items() if device == "cpu" or torch.cuda.is_available()]
+PROVIDERS = {"reference": "reference", "ours": "fused"}
+_IMG_PER_S: dict[tuple[str, str], float] = {}
+
+
+def _trainer(device: str, overrides: dict, kernels: str, tmp_path) -> Trainer:
+    values = {**overrides, "kernels": kernels, "device": device, "num_workers": 0, "progress": False,
+              "epochs": 100, "output_dir": str(tmp_path)}
+    return Trainer(resolve_config(values), values)
+
+
+@pytest.mark.parametrize("provider", list(PROVIDERS))
+@pytest.mark.parametrize("case", AVAILABLE)
+def test_train_step(benchmark, measure, case, provider, tmp_path):
+    device, overrides = CASES[case]
+    torch.manual_seed(0)
+    trainer = _trainer(device, overrides, PROVIDERS[provider], tmp_path)
+    cfg = trainer.cfg
+    images = torch.randint(0, 256, (cfg.batch_size, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8,
+                           device=trainer.device)
+    crops = trainer.augment(images)
+    epoch = cfg.freeze_last_layer  # past the last-layer freeze: every parameter is updated
+
+    def step():
+        # Stay at one iteration of the schedules: the step count only indexes them.
+        trainer.step = epoch * trainer.iters_per_epoch
+        return trainer.step_on_crops(crops, epoch)
+
+    with dino_kernels.backend("reference" if provider == "reference" else "auto"):
+        median = measure(benchmark, step, case=case, provider=provider, device=device)
+    _IMG_PER_S[(case, provider)] = cfg.batch_size / median
+    benchmark.extra_info["img_per_s"] = cfg.batch_size / median
+    ref = _IMG_PER_S.get((case, "reference"))
+    if provider == "ours" and ref:
+        print(f"\n{case}: ours {cfg.batch_size / median:.1f} img/s, reference {ref:.1f} img/s "
+              f"({cfg.batch_size / median / ref:.2f}x)")

@@ -1,0 +1,105 @@
+"""DINO v1 multi-crop augmentation, batched on the training device with kornia.
+
+Per image: 2 global crops and L local crops (``../shared/spec/dino.md`` §4):
+
+| view     | crop                            | then                                                                  |
+|----------|---------------------------------|-----------------------------------------------------------------------|
+| global 1 | RandomResizedCrop, global_scale | flip, colour jitter (0.4, 0.4, 0.2, 0.1) p=0.8, gray p=0.2, blur p=1.0 |
+| global 2 | same                            | same flip and colour ops, blur p=0.1, solarise (128/255) p=0.2        |
+| local ×L | RandomResizedCrop, local_scale  | same flip and colour ops, blur p=0.5                                  |
+
+then ImageNet normalisation. Crops are bicubic and clamped to [0, 1] (bicubic overshoots). Every sample of every view
+draws its own parameters from torch's global RNG (saved in checkpoints, so a resumed run draws the same crops).
+"""
+
+from __future__ import annotations
+
+import math
+
+import kornia.augmentation as K
+import torch
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+JITTER = {"brightness": 0.4, "contrast": 0.4, "saturation": 0.2, "hue": 0.1}
+JITTER_P = 0.8
+GRAYSCALE_P = 0.2
+BLUR_P = {"global1": 1.0, "global2": 0.1, "local": 0.5}
+SOLARIZE_P = 0.2
+SOLARIZE_THRESHOLD = 128 / 255
+
+
+def blur_kernel_size(sigma_max: float, size: int) -> int:
+    """Odd kernel covering ±3σ of the widest blur, at most the (odd) crop size."""
+    k = 2 * math.ceil(3 * sigma_max) + 1
+    limit = size if size % 2 else size - 1
+    return max(3, min(k, limit))
+
+
+class _ClampUnit(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clamp_(0.0, 1.0)
+
+
+def _view(size: int, scale: tuple[float, float], hflip_p: float, blur_p: float, blur_sigma: tuple[float, float],
+          solarize_p: float) -> nn.Sequential:
+    ops: list[nn.Module] = [
+        K.RandomResizedCrop((size, size), scale=tuple(scale), resample="BICUBIC", align_corners=False,
+                           cropping_mode="resample"),
+        _ClampUnit(),
+    ]
+    if hflip_p > 0:
+        ops.append(K.RandomHorizontalFlip(p=hflip_p))
+    ops += [K.ColorJitter(**JITTER, p=JITTER_P), K.RandomGrayscale(p=GRAYSCALE_P)]
+    if blur_p > 0:
+        ops.append(K.RandomGaussianBlur(blur_kernel_size(blur_sigma[1], size), sigma=tuple(blur_sigma), p=blur_p))
+    if solarize_p > 0:
+        ops.append(K.RandomSolarize(thresholds=(SOLARIZE_THRESHOLD, SOLARIZE_THRESHOLD), additions=(0.0, 0.0),
+                                    p=solarize_p))
+    return nn.Sequential(*ops)
+
+
+class MultiCropAugmentation(nn.Module):
+    """uint8 (B, 3, H, W) images on the device -> ``[globals (2B, 3, G, G), locals (L·B, 3, l, l)]`` normalised float.
+
+    Rows are view-major, as DINO's loss expects: globals are [g1 (B) | g2 (B)], locals [l1 (B) | … | lL (B)].
+    The locals list entry is omitted when ``n_local_crops`` is 0.
+    """
+
+    def __init__(self, global_size: int, local_size: int, n_local_crops: int,
+                 global_scale: tuple[float, float] = (0.4, 1.0), local_scale: tuple[float, float] = (0.05, 0.4),
+                 blur_sigma: tuple[float, float] = (0.1, 2.0), hflip_p: float = 0.5) -> None:
+        super().__init__()
+        self.n_local_crops = n_local_crops
+        self.global1 = _view(global_size, global_scale, hflip_p, BLUR_P["global1"], blur_sigma, 0.0)
+        self.global2 = _view(global_size, global_scale, hflip_p, BLUR_P["global2"], blur_sigma, SOLARIZE_P)
+        self.local = _view(local_size, local_scale, hflip_p, BLUR_P["local"], blur_sigma, 0.0)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        if images.dim() != 4 or images.shape[1] != 3 or images.dtype != torch.uint8:
+            raise ValueError(f"images must be uint8 (B, 3, H, W); got {images.dtype} {tuple(images.shape)}")
+        x = images.float().div_(255.0)
+        crops = [torch.cat([self.global1(x), self.global2(x)])]
+        if self.n_local_crops:
+            # One call draws independent parameters for every (view, image) pair; repeat() tiles the batch, so the
+            # rows come out view-major.
+            crops.append(self.local(x.repeat(self.n_local_crops, 1, 1, 1)))
+        return [self.normalize(c) for c in crops]
+
+
+def eval_transform(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> normalised float (B, 3, size, size) for evaluation (bicubic, antialiased resize)."""
+    x = images.float().div_(255.0)
+    if x.shape[-1] != size or x.shape[-2] != size:
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bicubic", align_corners=False,
+                                            antialias=True).clamp_(0.0, 1.0)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std

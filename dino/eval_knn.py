@@ -1,0 +1,112 @@
+"""Weighted k-NN classification on frozen features (DINO's ``eval_knn.py``, ``../shared/spec/dino.md`` §8).
+
+Features are the teacher backbone's final-norm CLS token, L2-normalised; similarity is cosine; each of the top-k
+training neighbours votes for its class with weight exp(sim / T); the class with the largest sum wins.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from dino.augment import eval_transform
+
+CHUNK = 256
+
+
+@torch.no_grad()
+def extract_features(backbone: torch.nn.Module, dataset: Dataset, size: int, device: torch.device,
+                     batch_size: int = 256, num_workers: int = 0, autocast_dtype: torch.dtype | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalised CLS features (N, D) in fp32 on ``device`` and labels (N,) of every item of ``dataset``."""
+    was_training = backbone.training
+    backbone.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    feats, labels = [], []
+    for images, y in loader:
+        x = eval_transform(images.to(device, non_blocking=True), size)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            f = backbone(x)
+        feats.append(torch.nn.functional.normalize(f.float(), dim=1))
+        labels.append(y.to(device))
+    backbone.train(was_training)
+    return torch.cat(feats), torch.cat(labels)
+
+
+@torch.no_grad()
+def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
+                num_classes: int, k: int = 20, temperature: float = 0.07) -> torch.Tensor:
+    """Predicted class (M,) of each test feature (features L2-normalised, (N, D) and (M, D))."""
+    k = min(k, train_features.shape[0])
+    preds = []
+    for start in range(0, test_features.shape[0], CHUNK):
+        sim = test_features[start:start + CHUNK] @ train_features.T
+        top_sim, top_idx = sim.topk(k, dim=1)
+        votes = torch.zeros(sim.shape[0], num_classes, device=sim.device)
+        votes.scatter_add_(1, train_labels[top_idx], (top_sim / temperature).exp())
+        preds.append(votes.argmax(1))
+    return torch.cat(preds)
+
+
+def knn_accuracy(backbone: torch.nn.Module, train_set: Dataset, test_set: Dataset, num_classes: int, size: int,
+                 device: torch.device, k: int = 20, temperature: float = 0.07, num_workers: int = 0,
+                 autocast_dtype: torch.dtype | None = None) -> float:
+    """Top-1 k-NN accuracy in percent of ``backbone`` features: ``train_set`` is the memory bank."""
+    train_f, train_y = extract_features(backbone, train_set, size, device, num_workers=num_workers,
+                                        autocast_dtype=autocast_dtype)
+    test_f, test_y = extract_features(backbone, test_set, size, device, num_workers=num_workers,
+                                      autocast_dtype=autocast_dtype)
+    pred = knn_predict(train_f, train_y, test_f, num_classes, k, temperature)
+    return 100.0 * (pred == test_y).float().mean().item()
+
+
+def load_teacher_backbone(checkpoint: str, device: torch.device):
+    """The teacher backbone and config of a training checkpoint (file or run directory)."""
+    from dino.checkpoint import load_checkpoint, load_state_dict_checked
+    from dino.config import Config
+    from dino.model import build_model
+
+    state = load_checkpoint(checkpoint)
+    cfg = Config.from_dict(state["config"])
+    model = build_model(cfg, drop_path=False)
+    load_state_dict_checked(model, state["teacher"], "teacher")
+    return model.backbone.to(device).eval(), cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    from dino.checkpoint import CheckpointError
+    from dino.data import build_datasets
+
+    parser = argparse.ArgumentParser(prog="python -m dino.eval_knn", description=(
+        "Weighted k-NN top-1 of a checkpoint's teacher backbone (normed CLS features, cosine similarity, votes "
+        "weighted exp(sim/T)) on the held-out split of the training data or of --data."))
+    parser.add_argument("--checkpoint", required=True, help="checkpoint file or run directory")
+    parser.add_argument("--data", default=None, help="labelled image folder (class sub-folders; train/ and val/ "
+                                                     "used when present, else a 70/30 stratified split); default: "
+                                                     "the checkpoint's data (digits if none)")
+    parser.add_argument("--k", type=int, default=20, help="neighbours (default 20)")
+    parser.add_argument("--temperature", type=float, default=0.07, help="vote temperature T (default 0.07)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N; auto = cuda when available")
+    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (default 0)")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        backbone, cfg = load_teacher_backbone(args.checkpoint, device)
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    data = build_datasets(args.data if args.data is not None else cfg.data, cfg.image_size, cfg.global_size)
+    if data.knn_train is None:
+        parser.error(f"{data.name} has no class sub-folders: k-NN needs labels")
+    acc = knn_accuracy(backbone, data.knn_train, data.knn_test, data.num_classes, cfg.global_size, device,
+                       args.k, args.temperature, num_workers=args.num_workers)
+    print(f"k-NN (k={args.k}, T={args.temperature}) top-1 on {data.name}: {acc:.2f}% "
+          f"({len(data.knn_test)} test images, {len(data.knn_train)} in the memory bank)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

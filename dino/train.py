@@ -1,0 +1,490 @@
+"""``python -m dino.train``: DINO self-supervised training of a ViT on our kernels.
+
+One process: ``python -m dino.train [options]``. Several: ``torchrun --nproc_per_node=N -m dino.train [options]``
+(DDP; NCCL on GPU, gloo on CPU; the DINO center is all-reduced; evaluation and checkpoints on rank 0).
+Run ``python -m dino.train --help`` for every option. A run directory receives ``config.json``, ``metrics.jsonl``
+(one JSON object per epoch), ``checkpoint.pth`` (every epoch, atomic), ``curves.png`` and
+``teacher_backbone.safetensors`` (the final teacher backbone).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+import dino_kernels
+from dino.augment import MultiCropAugmentation
+from dino.checkpoint import (
+    FILENAME,
+    CheckpointError,
+    capture_rng_state,
+    check_compatible,
+    checkpoint_path,
+    load_checkpoint,
+    load_state_dict_checked,
+    restore_rng_state,
+    save_checkpoint,
+)
+from dino.config import RUNTIME_FIELDS, Config, parse_args
+from dino.data import build_datasets
+from dino.eval_knn import knn_accuracy
+from dino.model import DINOModel, build_model
+from dino.schedules import Schedules
+
+# Collapse monitors, on the epoch-mean teacher entropy (nats) relative to ln K: near ln K every teacher output is
+# uniform, near 0 every output is one-hot.
+UNIFORM_COLLAPSE_FRACTION = 0.95
+ONE_HOT_COLLAPSE_NATS = 0.05
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the run stopped and the last good checkpoint was kept."""
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass
+class EpochStats:
+    loss: float = 0.0
+    entropy: float = 0.0
+    kl: float = 0.0
+    koleo: float = 0.0
+    steps: int = 0
+    images: int = 0
+    seconds: float = 0.0
+    losses: list[float] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------------------- setup
+def setup_distributed(device_name: str) -> tuple[DistInfo, torch.device]:
+    """Join the process group torchrun describes in the environment (if any) and pick this process's device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    info = DistInfo(rank=int(os.environ.get("RANK", "0")), world_size=world_size,
+                    local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    if device_name == "auto":
+        device_name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device_name)
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", info.local_rank)
+        torch.cuda.set_device(device)
+    if info.enabled and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return info, device
+
+
+def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    amp = cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
+
+
+def param_groups(model: torch.nn.Module) -> list[dict[str, Any]]:
+    """DINO v1's groups: weight decay on every tensor of ndim > 1 except biases; none on biases and 1-d (norms,
+    LayerScale) tensors. Frozen tensors (the weight-norm gain under norm_last_layer) are left out."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if name.endswith(".bias") or p.ndim == 1 else decay).append(p)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def clip_gradients_(model: torch.nn.Module, clip: float) -> None:
+    """DINO v1's per-tensor clip: each gradient is scaled by clip / (‖g‖ + 1e-6) when that is below 1."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads or clip <= 0:
+        return
+    norms = torch.stack(torch._foreach_norm(grads))
+    factors = (clip / (norms + 1e-6)).clamp_(max=1.0)
+    torch._foreach_mul_(grads, list(factors.unbind()))
+
+
+def cancel_last_layer_grads(model: torch.nn.Module) -> None:
+    """DINO v1's last-layer freeze: no update at all (AdamW skips ``grad=None``, weight decay included)."""
+    for name, p in model.named_parameters():
+        if "last_layer" in name:
+            p.grad = None
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+# ----------------------------------------------------------------------------------------------------- step
+def compute_loss(loss_fn: dino_kernels.DINOLoss, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                 epoch: int) -> tuple[torch.Tensor, dino_kernels.DINOLossStats]:
+    """The DINO loss of one step and its collapse statistics; updates the center (all-reduced under DDP)."""
+    return loss_fn(student_logits, teacher_logits, epoch, return_stats=True)
+
+
+def koleo_loss(features: torch.Tensor, n_chunks: int = 2) -> torch.Tensor:
+    """DINOv2's KoLeo regulariser (``../shared/spec/dino.md`` §2), summed over the global-crop chunks.
+
+    Per chunk of B rows (one global view), in fp32 with autocast off: z = x / max(‖x‖, 1e-8), each row's nearest
+    neighbour by cosine (diagonal excluded), d = ‖z − z_nn + 1e-8‖, L = −mean log(d + 1e-8). Pushes the features of a
+    batch apart, against the feature collapse that small datasets invite.
+    """
+    total = features.new_zeros((), dtype=torch.float32)
+    with torch.autocast(features.device.type, enabled=False):
+        for chunk in features.float().chunk(n_chunks):
+            z = F.normalize(chunk, dim=-1, eps=1e-8)
+            with torch.no_grad():
+                dots = z @ z.T
+                dots.fill_diagonal_(-1.0)
+                nearest = dots.argmax(dim=1)
+            distance = F.pairwise_distance(z, z[nearest], p=2, eps=1e-8)
+            total = total - torch.log(distance + 1e-8).mean()
+    return total
+
+
+def collapse_warning(epoch: int, entropy: float, ln_k: float) -> str | None:
+    """The warning for an epoch-mean teacher entropy near ln K (uniform collapse) or near 0 (one-hot), else None."""
+    if entropy > UNIFORM_COLLAPSE_FRACTION * ln_k:
+        return (f"epoch {epoch}: teacher entropy {entropy:.3f} is near ln K = {ln_k:.3f}: the outputs are collapsing "
+                "to uniform. Lower --teacher-temp or --out-dim, or use a faster teacher (lower --momentum-teacher).")
+    if entropy < ONE_HOT_COLLAPSE_NATS:
+        return (f"epoch {epoch}: teacher entropy {entropy:.4f} is near 0: the outputs are collapsing to one "
+                "prototype. Raise --teacher-temp, or lower --center-momentum so that the center follows faster.")
+    return None
+
+
+def _all_reduce_flag(flag: bool, info: DistInfo, device: torch.device) -> bool:
+    if not info.enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+class Trainer:
+    def __init__(self, cfg: Config, overrides: dict[str, Any] | None = None) -> None:
+        self.info, self.device = setup_distributed(cfg.device)
+        resume_state = None
+        if cfg.resume is not None:
+            resume_state = load_checkpoint(cfg.resume)
+            check_compatible(resume_state["config"], overrides or {}, RUNTIME_FIELDS)
+            saved = Config.from_dict(resume_state["config"])
+            for name in RUNTIME_FIELDS:
+                if overrides and name in overrides:
+                    setattr(saved, name, overrides[name])
+            saved.resume = cfg.resume
+            if saved.output_dir is None or not (overrides and "output_dir" in overrides):
+                saved.output_dir = os.path.dirname(os.path.abspath(checkpoint_path(cfg.resume)))
+            cfg = saved
+        self.cfg = cfg
+        self.amp_dtype = autocast_dtype(cfg, self.device)
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+
+        self.data = build_datasets(cfg.data, cfg.image_size, cfg.global_size)
+        n_per_rank = len(self.data.train) // self.info.world_size
+        if n_per_rank < cfg.batch_size:
+            raise ValueError(f"batch_size={cfg.batch_size} per process exceeds the {n_per_rank} training images each "
+                             f"of the {self.info.world_size} process(es) gets; lower --batch-size")
+        self.sampler = DistributedSampler(self.data.train, num_replicas=self.info.world_size, rank=self.info.rank,
+                                          shuffle=True, seed=cfg.seed, drop_last=True)
+        self.loader = DataLoader(self.data.train, batch_size=cfg.batch_size, sampler=self.sampler, drop_last=True,
+                                 num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
+                                 pin_memory=self.device.type == "cuda")
+        self.iters_per_epoch = len(self.loader)
+        self.schedules = Schedules.from_config(cfg, self.iters_per_epoch, self.info.world_size)
+        self.augment = MultiCropAugmentation(cfg.global_size, cfg.local_size, cfg.n_local_crops, cfg.global_scale,
+                                             cfg.local_scale, cfg.blur_sigma, cfg.hflip_p).to(self.device)
+
+        self.student: DINOModel = build_model(cfg, drop_path=True).to(self.device)
+        self.teacher: DINOModel = build_model(cfg, drop_path=False).to(self.device)
+        if self.info.enabled and self.device.type == "cuda" and cfg.head_use_bn:
+            # As DINO v1: batch statistics over all ranks (SyncBatchNorm runs on GPUs only; CPU ranks keep their own).
+            self.student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
+            self.teacher = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.teacher)
+        self.teacher.load_state_dict(self.student.state_dict())
+        self.teacher.requires_grad_(False)
+        # Train mode as in DINO v1: the teacher has no stochastic depth, so this only makes a BatchNorm head (if any)
+        # use batch statistics. The k-NN evaluation switches the backbone to eval mode.
+        self.teacher.train()
+        self.optimizer = torch.optim.AdamW(param_groups(self.student))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.loss_fn = dino_kernels.DINOLoss(cfg.out_dim, 2, cfg.n_local_crops, cfg.warmup_teacher_temp,
+                                             cfg.teacher_temp, cfg.warmup_teacher_temp_epochs, cfg.epochs,
+                                             cfg.student_temp, cfg.center_momentum).to(self.device)
+        self.center = self.loss_fn.center  # (1, K) buffer, updated in place by the loss
+        # Each rank draws its own augmentations and stochastic-depth subsets.
+        torch.manual_seed(cfg.seed + self.info.rank)
+        self.epoch, self.step = 0, 0
+        self.history: list[dict[str, Any]] = []
+        if resume_state is not None:
+            self._restore(resume_state)
+        self.ddp_student = (DistributedDataParallel(self.student, device_ids=[self.device.index]
+                                                    if self.device.type == "cuda" else None)
+                            if self.info.enabled else self.student)
+        # Lists built once: ema_ caches its work tables by tensor address, which stay fixed across steps.
+        self.teacher_params = list(self.teacher.parameters())
+        self.student_params = list(self.student.parameters())
+
+    # ------------------------------------------------------------------------------------------ state
+    def rng_states(self) -> list[dict[str, Any]]:
+        """Every rank's RNG states, in rank order (a collective under DDP: all ranks must call it)."""
+        state = capture_rng_state()
+        if not self.info.enabled:
+            return [state]
+        gathered: list[Any] = [None] * self.info.world_size
+        dist.all_gather_object(gathered, state)
+        return gathered
+
+    def state(self, rng: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "config": self.cfg.to_dict(), "epoch": self.epoch, "step": self.step,
+            "student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+            "center": self.center.detach().cpu(), "rng": rng, "history": self.history,
+        }
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        load_state_dict_checked(self.student, state["student"], "student")
+        load_state_dict_checked(self.teacher, state["teacher"], "teacher")
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as err:
+            raise CheckpointError(f"the checkpoint's optimizer state does not fit this model: {err}") from err
+        if state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        if state["center"].shape != self.center.shape:
+            raise CheckpointError(f"the checkpoint's center has shape {tuple(state['center'].shape)}, expected "
+                                  f"{tuple(self.center.shape)}")
+        self.center.copy_(state["center"])
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        if self.step != self.epoch * self.iters_per_epoch:
+            raise CheckpointError(f"the checkpoint is at step {self.step} of epoch {self.epoch}, but this data gives "
+                                  f"{self.iters_per_epoch} steps per epoch: a different dataset or world size")
+        self.history = list(state["history"])
+        if len(state["rng"]) != self.info.world_size:
+            raise CheckpointError(f"the checkpoint was written by {len(state['rng'])} process(es); resume it with "
+                                  f"the same number, not {self.info.world_size}")
+        restore_rng_state(state["rng"][self.info.rank])
+
+    # ------------------------------------------------------------------------------------------ loop
+    def train_step(self, images: torch.Tensor, epoch: int) -> tuple[float, torch.Tensor, torch.Tensor, float]:
+        """Augment a uint8 batch on the device, then :meth:`step_on_crops`."""
+        return self.step_on_crops(self.augment(images.to(self.device, non_blocking=True)), epoch)
+
+    def step_on_crops(self, crops: list[torch.Tensor], epoch: int
+                      ) -> tuple[float, torch.Tensor, torch.Tensor, float]:
+        """One DINO iteration: teacher and student forward, loss (+ KoLeo), backward, per-tensor clip, last-layer
+        freeze, AdamW step, teacher EMA, center update. Returns the DINO loss, the teacher entropy and KL (0-d
+        tensors) and the KoLeo term."""
+        cfg, it = self.cfg, self.step
+        for i, group in enumerate(self.optimizer.param_groups):
+            group["lr"] = float(self.schedules.lr[it])
+            if i == 0:
+                group["weight_decay"] = float(self.schedules.weight_decay[it])
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            with torch.no_grad():
+                teacher_logits = self.teacher([crops[0]])
+            student_logits, features = self.ddp_student(crops, return_features=True)
+            loss, stats = compute_loss(self.loss_fn, student_logits, teacher_logits, epoch)
+        koleo = koleo_loss(features[: crops[0].shape[0]]) if cfg.koleo_weight > 0 else torch.zeros_like(loss)
+        total = loss + cfg.koleo_weight * koleo if cfg.koleo_weight > 0 else loss
+        # One host sync for the three numbers the guard and the progress bar need.
+        loss_value, total_value, koleo_value = torch.stack([t.detach().float() for t in (loss, total, koleo)]).tolist()
+        if _all_reduce_flag(not (math.isfinite(loss_value) and math.isfinite(total_value)), self.info, self.device):
+            raise NonFiniteLossError(
+                f"non-finite loss ({total_value}) at epoch {epoch + 1}, step {it}: training stopped. The last good "
+                f"checkpoint ({self._last_good()}) was kept. Lower --base-lr, use --amp none or bf16 instead of "
+                f"fp16, or raise --teacher-temp, then --resume from it.")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        self.scaler.unscale_(self.optimizer)
+        clip_gradients_(self.student, cfg.clip_grad)
+        if epoch < cfg.freeze_last_layer:
+            cancel_last_layer_grads(self.student)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        dino_kernels.ema_(self.teacher_params, self.student_params, float(self.schedules.momentum[it]))
+        self.step += 1
+        return loss_value, stats.teacher_entropy, stats.kl, koleo_value
+
+    def _last_good(self) -> str:
+        path = os.path.join(self.cfg.output_dir, FILENAME)
+        return f"{path}, epoch {self.epoch}" if os.path.exists(path) else "none written yet"
+
+    def train_epoch(self, epoch: int) -> EpochStats:
+        self.sampler.set_epoch(epoch)
+        self.student.train()
+        stats = EpochStats()
+        entropy = torch.zeros((), device=self.device)
+        kl = torch.zeros((), device=self.device)
+        images_per_step = self.cfg.batch_size * self.info.world_size
+        bar = tqdm(total=self.iters_per_epoch, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", unit="it",
+                   disable=not (self.info.main and self.cfg.progress), dynamic_ncols=True, leave=True, file=sys.stdout)
+        start = time.perf_counter()
+        for images, _ in self.loader:
+            loss, ent, step_kl, koleo = self.train_step(images, epoch)
+            stats.losses.append(loss)
+            stats.koleo += koleo
+            entropy += ent
+            kl += step_kl
+            stats.steps += 1
+            stats.images += images_per_step
+            elapsed = time.perf_counter() - start
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.schedules.lr[self.step - 1]:.2e}",
+                            img_s=f"{stats.images / elapsed:.0f}", refresh=False)
+            bar.update()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        stats.seconds = time.perf_counter() - start
+        bar.close()
+        # Epoch means over all ranks (one collective per epoch).
+        means = torch.stack([torch.tensor(sum(stats.losses), dtype=torch.float64, device=self.device),
+                             entropy.double(), kl.double(),
+                             torch.tensor(stats.koleo, dtype=torch.float64, device=self.device)]) / stats.steps
+        if self.info.enabled:
+            dist.all_reduce(means)
+            means /= self.info.world_size
+        stats.loss, stats.entropy, stats.kl, stats.koleo = means.tolist()
+        return stats
+
+    def evaluate(self) -> float | None:
+        """k-NN top-1 (percent) of the teacher backbone on the held-out split; None without labels."""
+        if self.data.knn_train is None:
+            return None
+        return knn_accuracy(self.teacher.backbone, self.data.knn_train, self.data.knn_test, self.data.num_classes,
+                            self.cfg.global_size, self.device, self.cfg.knn_k, self.cfg.knn_temperature,
+                            num_workers=0, autocast_dtype=self.amp_dtype)
+
+    def fit(self) -> list[dict[str, Any]]:
+        cfg, info = self.cfg, self.info
+        ln_k = math.log(cfg.out_dim)
+        if info.main:
+            os.makedirs(cfg.output_dir, exist_ok=True)
+            with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
+                json.dump(cfg.to_dict(), f, indent=2)
+            self._write_metrics()
+            print(f"DINO on {self.data.name}: {len(self.data.train)} training images, {self.iters_per_epoch} steps "
+                  f"per epoch, {info.world_size} process(es) on {self.device}, kernels={cfg.kernels}, preset "
+                  f"{cfg.preset}; run directory {cfg.output_dir}", flush=True)
+            if self.epoch:
+                print(f"resumed at epoch {self.epoch + 1} (step {self.step})", flush=True)
+        previous_backend = dino_kernels.get_backend()
+        dino_kernels.set_backend("reference" if cfg.kernels == "reference" else "auto")
+        try:
+            while self.epoch < cfg.epochs:
+                epoch = self.epoch
+                if self.device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(self.device)
+                stats = self.train_epoch(epoch)
+                last = epoch + 1 == cfg.epochs
+                knn = None
+                if info.main and (last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
+                    knn = self.evaluate()
+                it = self.step - 1
+                record = {
+                    "epoch": epoch + 1, "step": self.step, "loss": stats.loss, "lr": float(self.schedules.lr[it]),
+                    "weight_decay": float(self.schedules.weight_decay[it]),
+                    "teacher_temp": float(self.schedules.teacher_temp[epoch]),
+                    "momentum": float(self.schedules.momentum[it]), "teacher_entropy": stats.entropy,
+                    "ln_k": ln_k, "kl": stats.kl, "koleo": stats.koleo, "knn_top1": knn,
+                    "img_per_s": stats.images / stats.seconds, "epoch_seconds": stats.seconds,
+                    "peak_mem_mb": peak_memory_mb(self.device),
+                }
+                self.history.append(record)
+                self.epoch += 1
+                rng = self.rng_states()
+                if info.main:
+                    self._report(record, ln_k)
+                    self._write_metrics()
+                    save_checkpoint(os.path.join(cfg.output_dir, FILENAME), self.state(rng))
+                if info.enabled:
+                    dist.barrier()
+        finally:
+            dino_kernels.set_backend(previous_backend)
+        if info.main:
+            self._finish()
+        return self.history
+
+    # ------------------------------------------------------------------------------------------ output
+    def _report(self, record: dict[str, Any], ln_k: float) -> None:
+        knn = f", k-NN top-1 {record['knn_top1']:.2f}%" if record["knn_top1"] is not None else ""
+        tqdm.write(f"epoch {record['epoch']}/{self.cfg.epochs}: loss {record['loss']:.4f}, teacher entropy "
+                   f"{record['teacher_entropy']:.3f} (ln K = {ln_k:.3f}), KL {record['kl']:.4f}{knn}, "
+                   f"{record['img_per_s']:.0f} img/s", file=sys.stdout)
+        message = collapse_warning(record["epoch"], record["teacher_entropy"], ln_k)
+        if message:
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+
+    def _write_metrics(self) -> None:
+        """Rewrite metrics.jsonl from the history (a resumed run drops lines of epochs it will redo)."""
+        path = os.path.join(self.cfg.output_dir, "metrics.jsonl")
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            for record in self.history:
+                f.write(json.dumps(record) + "\n")
+        os.replace(tmp, path)
+
+    def _finish(self) -> None:
+        from safetensors.torch import save_file
+
+        from dino.plots import plot_curves
+
+        out = self.cfg.output_dir
+        plot_curves(self.history, os.path.join(out, "curves.png"), self.cfg.out_dim)
+        weights = {k: v.detach().cpu().contiguous() for k, v in self.teacher.backbone.state_dict().items()}
+        save_file(weights, os.path.join(out, "teacher_backbone.safetensors"),
+                  metadata={"config": json.dumps(self.cfg.to_dict())})
+        final = self.history[-1] if self.history else {}
+        knn = final.get("knn_top1")
+        total = sum(r["epoch_seconds"] for r in self.history)
+        print(f"done: {len(self.history)} epochs, {total:.0f} s of training"
+              + (f", final k-NN top-1 {knn:.2f}%" if knn is not None else "")
+              + f". Run directory: {out}", flush=True)
+
+
+def train(cfg: Config, overrides: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Run (or resume) a training; returns the per-epoch metrics."""
+    trainer = Trainer(cfg, overrides)
+    return trainer.fit()
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, overrides = parse_args(argv)
+    try:
+        train(cfg, overrides)
+    except (NonFiniteLossError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
