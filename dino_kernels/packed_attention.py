@@ -664,8 +664,9 @@ def _check_crops(xs: Sequence[torch.Tensor]) -> None:
                              f"{xs[0].dtype}, {xs[0].device}); xs[{i}] has ({x.shape[-1]}, {x.dtype}, {x.device})")
 
 
-def _cu_seqlens(shapes: tuple[tuple[int, int], ...], device: torch.device) -> tuple[torch.Tensor, int]:
-    """cu_seqlens of B_i sequences of N_i tokens per group, built once per (shapes, device)."""
+def cu_seqlens_for(shapes: tuple[tuple[int, int], ...], device: torch.device) -> tuple[torch.Tensor, int]:
+    """(cu_seqlens, max_seqlen) of B_i sequences of N_i tokens per group ``(B_i, N_i)``, built once per (shapes,
+    device); shared with the multi-crop stochastic depth, which packs its kept crops the same way."""
     key = (shapes, device)
     if key in _CU_SEQLENS_CACHE:
         _CU_SEQLENS_CACHE.move_to_end(key)
@@ -692,7 +693,7 @@ def pack(xs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
         loop does no host work after its first step) and ``max_seqlen = max_i N_i``.
     """
     _check_crops(xs)
-    cu_seqlens, max_seqlen = _cu_seqlens(tuple((x.shape[0], x.shape[1]) for x in xs), xs[0].device)
+    cu_seqlens, max_seqlen = cu_seqlens_for(tuple((x.shape[0], x.shape[1]) for x in xs), xs[0].device)
     packed = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs])
     return packed, cu_seqlens, max_seqlen
 

@@ -38,7 +38,6 @@ dominates a block's time there, so a C++ kernel would not pay. float64 on CUDA t
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 from collections.abc import Callable, Sequence
 
@@ -50,6 +49,7 @@ from dino_kernels import reference
 from dino_kernels._aot import AOTKernel
 from dino_kernels._backend import DEBUG_ENV_VAR, debug_enabled, resolve
 from dino_kernels._validation import check_floating, check_same_device, check_tensor
+from dino_kernels.packed_attention import cu_seqlens_for
 
 # Program tiles. ROWS: 32 tokens x 128 features (4096 elements, 32 per thread); FLAT: a whole 1024-feature
 # stretch of one token, for rows of at most FLAT_MAX_M tokens (e.g. (B, D) inputs) where a 32-token tile would idle.
@@ -656,13 +656,6 @@ def _kept_samples(batch: int, drop_rate: float, generator: torch.Generator | Non
     return torch.randperm(batch, generator=generator, device=rng_device)[:keep].to(device), keep
 
 
-@functools.lru_cache(maxsize=64)
-def _cu_seqlens(lengths: tuple[tuple[int, int], ...], device: torch.device) -> torch.Tensor:
-    """int32 (S + 1,) offsets of ``count`` sequences of ``tokens`` each, per (count, tokens) group; cached."""
-    seqlens = [tokens for count, tokens in lengths for _ in range(count)]
-    return torch.tensor([0, *itertools.accumulate(seqlens)], dtype=torch.int32, device=device)
-
-
 def _check_residual(residual: object, shape: tuple[int, ...], what: str) -> torch.Tensor:
     if not isinstance(residual, torch.Tensor):
         raise TypeError(f"branch must return a torch.Tensor, got {type(residual).__name__}")
@@ -704,7 +697,7 @@ def _drop_add_residual_list(xs, branch, drop_rate, training, generator, scaling)
               for x, (kept, _) in zip(xs, drawn)]
     packed = _index_select_cat(xs, gather)
     lengths = tuple((keep, x.shape[1]) for x, (_, keep) in zip(xs, drawn))
-    residual = branch(packed, _cu_seqlens(lengths, packed.device), max(x.shape[1] for x in xs))
+    residual = branch(packed, *cu_seqlens_for(lengths, packed.device))
     residual = _check_residual(residual, tuple(packed.shape), "packed tensor")
     parts = residual.split([keep * tokens for keep, tokens in lengths])
     return [_scaled_index_add(x, kept, part.reshape(keep, *x.shape[1:]).to(x.dtype), scaling, x.shape[0] / keep)
