@@ -118,6 +118,13 @@ def _block_table_kernel(
 
 
 @triton.jit
+def _program_block(table):
+    """This program's (head, sequence start, sequence end, block start) from the block table."""
+    entry = table + tl.program_id(0) * 3
+    return tl.program_id(1).to(tl.int64), tl.load(entry), tl.load(entry + 1), tl.load(entry + 2)
+
+
+@triton.jit
 def _dot(a, b):
     # fp32 inputs get IEEE products: the default TF32 would cost ~1e-3 relative error. fp16/bf16 use tensor cores.
     if a.dtype == tl.float32:
@@ -160,11 +167,7 @@ def _attn_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    entry = table + tl.program_id(0) * 3
-    head = tl.program_id(1).to(tl.int64)
-    seq_start = tl.load(entry)
-    seq_end = tl.load(entry + 1)
-    m_start = tl.load(entry + 2)
+    head, seq_start, seq_end, m_start = _program_block(table)
     if m_start >= seq_end:  # spare program
         return
     rows = m_start + tl.arange(0, BLOCK_M)
@@ -295,11 +298,7 @@ def _attn_bwd_kernel(
     BLOCK: tl.constexpr,
     BLOCK_SLAB: tl.constexpr,
 ):
-    entry = table + tl.program_id(0) * 3
-    head = tl.program_id(1).to(tl.int64)
-    seq_start = tl.load(entry)
-    seq_end = tl.load(entry + 1)
-    block_start = tl.load(entry + 2)
+    head, seq_start, seq_end, block_start = _program_block(table)
     if block_start >= seq_end:  # spare program
         return
     qk_scale = sm_scale * 1.4426950408889634
