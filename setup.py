@@ -30,7 +30,7 @@ try:
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 except ImportError:  # pragma: no cover - exercised only on broken machines
     sys.exit(
-        "dino-kernels needs an installed PyTorch (>= 2.4) to build its extension.\n"
+        "dino-kernels needs an installed PyTorch (>= 2.11) to build its extension.\n"
         "Install torch first (e.g. `pip install torch`), then `pip install --no-build-isolation -e .`."
     )
 
@@ -39,7 +39,7 @@ def _require_cxx_compiler() -> None:
     compiler = os.environ.get("CXX", "c++")
     if not shutil.which(compiler.split()[0]):
         sys.exit(
-            f"dino-kernels needs a C++17 compiler to build its CPU kernels, and `{compiler}` was not found.\n"
+            f"dino-kernels needs a C++ compiler (C++17, or C++20 for torch >= 2.13) to build its CPU kernels, and `{compiler}` was not found.\n"
             "Install one (Debian/Ubuntu: `apt-get install g++`; conda: `conda install gxx`) or set CXX, then rerun "
             "`pip install --no-build-isolation -e .`."
         )
@@ -129,7 +129,9 @@ os.environ.setdefault("MAX_JOBS", str(_max_jobs()))
 extension = CppExtension(
     name="dino_kernels._C",
     sources=sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.cpp")),
-    extra_compile_args={"cxx": ["-O3", "-fopenmp", "-std=c++17"]},
+    # No -std flag: torch.utils.cpp_extension passes the standard the installed torch's headers need (C++17 up to
+    # torch 2.12, C++20 from 2.13 on); forcing one would break the build on the other side of that line.
+    extra_compile_args={"cxx": ["-O3", "-fopenmp"]},
     extra_link_args=["-fopenmp"],
 )
 
