@@ -39,7 +39,8 @@ def _require_cxx_compiler() -> None:
     compiler = os.environ.get("CXX", "c++")
     if not shutil.which(compiler.split()[0]):
         sys.exit(
-            f"dino-kernels needs a C++ compiler (C++17, or C++20 for torch >= 2.13) to build its CPU kernels, and `{compiler}` was not found.\n"
+            f"dino-kernels needs a C++ compiler (C++17, or C++20 for torch >= 2.13) to build its CPU kernels, and "
+            f"`{compiler}` was not found.\n"
             "Install one (Debian/Ubuntu: `apt-get install g++`; conda: `conda install gxx`) or set CXX, then rerun "
             "`pip install --no-build-isolation -e .`."
         )
@@ -64,11 +65,17 @@ def _cuda_archs() -> list[str]:
 
 
 def _cuda_lib_dir(nvcc: str) -> Path:
-    home = Path(nvcc).resolve().parent.parent
-    for sub in ("lib64", "lib", "targets/x86_64-linux/lib"):
-        if (home / sub / "libcudart_static.a").exists():
-            return home / sub
-    raise RuntimeError(f"nvcc found at {nvcc} but libcudart_static.a is not next to it; set CUDA_HOME")
+    """The folder of the static CUDA runtime: next to the real nvcc binary (a wrapper script on the PATH may live
+    elsewhere), else under CUDA_HOME / CUDA_PATH / /usr/local/cuda."""
+    homes = [Path(nvcc).resolve().parent.parent]
+    homes += [Path(h) for h in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda") if h]
+    for home in homes:
+        for sub in ("lib64", "lib", "targets/x86_64-linux/lib", "targets/sbsa-linux/lib"):
+            if (home / sub / "libcudart_static.a").exists():
+                return home / sub
+    raise RuntimeError(f"nvcc found at {nvcc} but no libcudart_static.a under {', '.join(map(str, homes))}; set "
+                       "CUDA_HOME to the CUDA toolkit, or DINO_KERNELS_SKIP_CUDA=1 for a build without CUDA C++ "
+                       "kernels (the Triton kernels still run on GPUs)")
 
 
 class BuildWithNvcc(BuildExtension):

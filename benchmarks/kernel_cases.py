@@ -73,7 +73,8 @@ def _case_stochastic_depth(device: str, dtype: torch.dtype) -> list[tuple[str, f
     ref_gathered = reference.index_select_cat([leaves[0], leaves[1]], [index[:3], torch.tensor([3, 1], device=device)])
     ref_grads = torch.autograd.grad((ref_out, ref_gathered), leaves, (grad_out.double(), grad_gathered.double()))
     checks = [("scaled_index_add", _rel_error(out, ref_out)), ("index_select_cat", _rel_error(gathered, ref_gathered))]
-    return checks + [(f"grad {name}", _rel_error(g, r)) for name, g, r in zip(("x", "src", "scaling"), grads, ref_grads)]
+    names = ("x", "src", "scaling")
+    return checks + [(f"grad {name}", _rel_error(g, r)) for name, g, r in zip(names, grads, ref_grads)]
 
 
 def _case_ema(device: str, dtype: torch.dtype) -> list[tuple[str, float]]:
