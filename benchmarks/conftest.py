@@ -18,7 +18,7 @@ At the end of the session a table per case gives every provider's median, its sp
 provider and over the *best baseline*: the fastest provider other than ``ours`` in the same case, named (what a
 user would pick instead of ours, e.g. ``_foreach_lerp_`` for the EMA, not only our slow reference).
 ``--dk-results PATH`` also writes that table to ``PATH.json`` and ``PATH.md`` (for ``benchmarks/results/``), with
-the skipped cases and why.
+the cases not measured (skipped or failed) and why.
 
 Sets: everything by default; ``-m session`` selects the trimmed set of the GPU session (benchmarks/gpu_session.sh)
 that answers the README's targets. ``--dk-dry-run`` runs the selected cases on CPU with tiny shapes and 2 rounds,
@@ -53,7 +53,7 @@ DRY_RUN_ROUNDS = 2
 RECOMPILE_LIMIT = 256
 
 _RECORDS: list[dict] = []
-_SKIPPED: list[dict] = []
+_NOT_MEASURED: list[dict] = []
 
 
 def pytest_addoption(parser):
@@ -139,8 +139,8 @@ def _time_cuda(benchmark, fn: Callable[[], object], call_ms: float) -> None:
 @pytest.fixture
 def measure(request):
     def run(benchmark, fn: Callable[[], object], *, case: str, provider: str, device: str,
-            bytes_moved: int | None = None, flops: float | None = None, warmup: int = 2) -> float:
-        """Time ``fn`` and record it; returns the median in seconds."""
+            bytes_moved: int | None = None, flops: float | None = None, warmup: int = 3) -> float:
+        """Time ``fn`` after ``warmup`` calls (1 in a dry run) and record it; returns the median in seconds."""
         benchmark.group = case
         benchmark.name = f"{case} [{provider}]"
         dry_run = request.config.getoption("--dk-dry-run")
@@ -151,11 +151,12 @@ def measure(request):
                 torch.cuda.synchronize()
             return out
 
-        for _ in range(1 if dry_run else warmup):
+        for _ in range(1 if dry_run else warmup - 1):
             call()
         start = time.perf_counter()
+        call()
+        call_ms = (time.perf_counter() - start) * 1e3  # one warm call, to size do_bench's window
         peak = peak_extra_bytes(call, device)
-        call_ms = (time.perf_counter() - start) * 1e3
         if device == "cuda":
             _time_cuda(benchmark, fn, call_ms)
         else:
@@ -183,11 +184,29 @@ def measure(request):
     return run
 
 
+def _note(report, name: str) -> None:
+    """Keeps why a benchmark was not measured: skipped (its reason) or failed (the error's last line)."""
+    if report.failed:
+        lines = report.longreprtext.strip().splitlines()
+        _NOT_MEASURED.append({"test": name, "status": "failed", "reason": lines[-1] if lines else ""})
+        return
+    reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    if "--benchmark-only" not in reason:
+        _NOT_MEASURED.append({"test": name, "status": "skipped", "reason": reason.removeprefix("Skipped: ")})
+
+
+def _ours(report) -> bool:
+    return "benchmarks/" in report.nodeid.replace("\\", "/") and (report.skipped or report.failed)
+
+
 def pytest_runtest_logreport(report):
-    if report.skipped and report.when in ("setup", "call") and "benchmarks/" in report.nodeid.replace("\\", "/"):
-        reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else str(report.longrepr)
-        if "--benchmark-only" not in reason:
-            _SKIPPED.append({"test": report.nodeid.split("::", 1)[-1], "reason": reason.removeprefix("Skipped: ")})
+    if _ours(report) and report.when in ("setup", "call"):
+        _note(report, report.nodeid.split("::", 1)[-1])
+
+
+def pytest_collectreport(report):
+    if _ours(report):  # a whole module, e.g. a missing import
+        _note(report, report.nodeid)
 
 
 def with_ratios(records: list[dict]) -> list[dict]:
@@ -235,16 +254,16 @@ def _meta(config, records: list[dict]) -> dict:
 
 
 def pytest_terminal_summary(terminalreporter, config):
-    if not _RECORDS:
+    path = config.getoption("--dk-results")
+    if not _RECORDS and not path:
         return
     records = with_ratios(_RECORDS)
     meta = _meta(config, records)
     title = "dino-kernels benchmark summary (speed-up = other median / this median)"
     terminalreporter.write_sep("=", ("DRY RUN (not a measurement): " if meta["dry_run"] else "") + title)
     terminalreporter.write_line(_table(records))
-    path = config.getoption("--dk-results")
     if path:
-        Path(f"{path}.json").write_text(json.dumps({"meta": meta, "records": records, "skipped": _SKIPPED},
+        Path(f"{path}.json").write_text(json.dumps({"meta": meta, "records": records, "not_measured": _NOT_MEASURED},
                                                    indent=1) + "\n")
         versions = f"torch {meta['torch']}, triton {meta['triton']}"
         heading = (f"# DRY RUN, not a measurement: {meta['warning']} ({meta['date']}, {versions})" if meta["dry_run"]
@@ -252,6 +271,6 @@ def pytest_terminal_summary(terminalreporter, config):
         notes = (f"\n\nSet: `{meta['set']}`. Medians: CUDA events (triton do_bench) on GPU, perf_counter "
                  "(pytest-benchmark) on CPU. \"vs best baseline\": the fastest provider other than ours in the same "
                  "case (named).\n\n")
-        skipped = "".join(f"- `{s['test']}`: {s['reason']}\n" for s in _SKIPPED)
+        missing = "".join(f"- `{n['test']}` {n['status']}: {n['reason']}\n" for n in _NOT_MEASURED)
         Path(f"{path}.md").write_text(heading + notes + _table(records) + "\n"
-                                      + (f"\nSkipped:\n\n{skipped}" if skipped else ""))
+                                      + (f"\nNot measured:\n\n{missing}" if missing else ""))
