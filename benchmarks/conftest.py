@@ -140,7 +140,7 @@ def _time_cuda(benchmark, fn: Callable[[], object], call_ms: float) -> None:
 def measure(request):
     def run(benchmark, fn: Callable[[], object], *, case: str, provider: str, device: str,
             bytes_moved: int | None = None, flops: float | None = None, warmup: int = 3) -> float:
-        """Time ``fn`` after ``warmup`` calls (1 in a dry run) and record it; returns the median in seconds."""
+        """Time ``fn`` after ``warmup`` calls (2 in a dry run) and record it; returns the median in seconds."""
         benchmark.group = case
         benchmark.name = f"{case} [{provider}]"
         dry_run = request.config.getoption("--dk-dry-run")
