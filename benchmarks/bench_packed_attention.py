@@ -4,7 +4,9 @@ Providers: ``reference`` (per-sequence plain PyTorch), ``per_group_sdpa`` (one S
 DINOv3), ``masked_sdpa`` (SDPA over all packed tokens under the materialised block-diagonal mask), and where the
 machine has them ``flex_document_mask`` (FlexAttention, document mask), ``varlen_attn``
 (``torch.nn.attention.varlen``), ``xformers`` (``BlockDiagonalMask``, as DINOv2), then ``ours``.
-TFLOP/s count only within-sequence work: 4 * sum(n^2) * H * D forward, 2.5x that backward (flash-attn convention).
+The GPU session set (``-m session``): ViT-S/16 and ViT-L/14 in bf16, fwd and fwd+bwd, against per-group SDPA,
+``varlen_attn`` and FlexAttention (compiled once per case and mode, before the timing). TFLOP/s count only
+within-sequence work: 4 * sum(n^2) * H * D forward, 2.5x that backward (flash-attn convention).
 """
 
 from __future__ import annotations
@@ -24,11 +26,14 @@ CASES = {
     "vit-l14": ((16, 64, 32, ((2, 257), (8, 50))), "cuda"),
     "vit-s16 2 images": ((6, 64, 2, ((2, 197), (10, 37))), "cpu"),
 }
+DRY_RUN_SHAPE = (2, 16, 1, ((2, 17), (4, 5)))
 MODES = ("fwd", "fwd+bwd")
+SESSION_CASES = ("vit-s16", "vit-l14")
+SESSION_PROVIDERS = ("per_group_sdpa", "flex_document_mask", "varlen_attn", "ours")
 
 
-def _setup(case: str, device: str):
-    (heads, dim, images, crops), _ = CASES[case]
+def _setup(shape: tuple, device: str):
+    heads, dim, images, crops = shape
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     group_shapes = [(images * n_crops, tokens) for n_crops, tokens in crops]
     # cu_seqlens as a training loop gets it: pack() of the crop groups (tokens of width 1 suffice here).
@@ -112,16 +117,23 @@ def _provider(name, cu_seqlens, max_seqlen, group_shapes, total, device):
 PROVIDERS = ("reference", "per_group_sdpa", "masked_sdpa", "flex_document_mask", "varlen_attn", "xformers", "ours")
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("case", list(CASES))
-def test_packed_attention(benchmark, measure, device, case, mode, provider):
-    if CASES[case][1] != device:
-        pytest.skip(f"{case} is a {CASES[case][1]} case")
+def _params():
+    for case in CASES:
+        for mode in MODES:
+            for provider in PROVIDERS:
+                session = case in SESSION_CASES and provider in SESSION_PROVIDERS
+                yield pytest.param(case, mode, provider, marks=[pytest.mark.session] if session else [])
+
+
+@pytest.mark.parametrize(("case", "mode", "provider"), list(_params()))
+def test_packed_attention(benchmark, measure, bench_env, case, mode, provider):
+    shape, device = CASES[case]
+    device = bench_env.device(device)
     reason = _available(provider, device, mode)
     if reason:
         pytest.skip(reason)
-    q, k, v, cu_seqlens, max_seqlen, group_shapes, flops = _setup(case, device)
+    q, k, v, cu_seqlens, max_seqlen, group_shapes, flops = _setup(DRY_RUN_SHAPE if bench_env.dry_run else shape,
+                                                                   device)
     attend = _provider(provider, cu_seqlens, max_seqlen, group_shapes, q.shape[0], device)
     if mode == "fwd":
         q, k, v = q.detach(), k.detach(), v.detach()  # FlexAttention on CPU refuses inputs that require grad

@@ -14,7 +14,8 @@ Every provider computes attention the same way, one SDPA call per crop group of 
 differences are the stochastic-depth handling alone. ``test_index_ops`` times the two ops by themselves (fwd+bwd of
 gather + scaled add, DINOv2-g shapes as in xformers' ``benchmark_indexing.py``) with the bytes they must move.
 
-At the end, a table gives every block median relative to ``full`` at p = 0 of the same model.
+At the end, a table gives every block median relative to ``full`` at p = 0 of the same model. The GPU session set
+(``-m session``): the ViT-g/14 block at p ∈ {0, 0.4}, ours against full compute, timm's DropPath and the index path.
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ MODELS = {
     "vit-g14": (1536, 24, 12, 257, 50, "cuda"),
     "vit-tiny28": (192, 3, 4, 65, 13, "cpu"),
 }
+DRY_RUN_MODEL = (32, 2, 1, 17, 5)  # dim, heads, images, global tokens, local tokens
 PROVIDERS = ("full", "timm_droppath", "torch_index", "reference", "ours")
+SESSION_PROVIDERS = ("full", "timm_droppath", "torch_index", "ours")
 _MEDIANS: dict[tuple[str, str, float], float] = {}
 
 
@@ -131,17 +134,13 @@ BLOCKS = {
 }
 
 
-def _setup(model: str):
-    dim, heads, images, global_tokens, local_tokens, device = MODELS[model]
+def _setup(shape: tuple[int, ...], device: str):
+    dim, heads, images, global_tokens, local_tokens = shape
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     block = ViTBlock(dim, heads).to(device, dtype)
     xs = [torch.randn(2 * images, global_tokens, dim, device=device, dtype=dtype, requires_grad=True),
           torch.randn(8 * images, local_tokens, dim, device=device, dtype=dtype, requires_grad=True)]
     return block, xs, [torch.randn_like(x) for x in xs]
-
-
-def _available(device: str) -> bool:
-    return device == "cpu" or torch.cuda.is_available()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -165,16 +164,20 @@ def _relative_table(request):
             reporter.write_line(line)
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("p", DROP_RATES)
-@pytest.mark.parametrize("model", list(MODELS))
-def test_vit_block(benchmark, measure, model, p, provider):
-    device = MODELS[model][-1]
-    if not _available(device):
-        pytest.skip("GPU shapes need CUDA")
-    if provider == "full" and p != 0.0:
-        pytest.skip("full compute does not depend on p: measured once, at p = 0")
-    block, xs, grads = _setup(model)
+def _block_params():
+    for model in MODELS:
+        for p in DROP_RATES:
+            # full compute does not depend on p: measured once, at p = 0
+            for provider in PROVIDERS if p == 0.0 else PROVIDERS[1:]:
+                session = model == "vit-g14" and p in (0.0, 0.4) and provider in SESSION_PROVIDERS
+                yield pytest.param(model, p, provider, marks=[pytest.mark.session] if session else [])
+
+
+@pytest.mark.parametrize(("model", "p", "provider"), list(_block_params()))
+def test_vit_block(benchmark, measure, bench_env, model, p, provider):
+    *shape, device = MODELS[model]
+    device = bench_env.device(device)
+    block, xs, grads = _setup(DRY_RUN_MODEL if bench_env.dry_run else tuple(shape), device)
     params = list(block.parameters())
     run = BLOCKS[provider]
 
@@ -191,6 +194,7 @@ OP_SHAPES = {  # (global images, local images, global tokens, local tokens, dim,
     "dinov2-g": (48, 192, 257, 50, 1536, 0.6, "cuda"),
     "small": (16, 64, 65, 13, 192, 0.6, "cpu"),
 }
+DRY_RUN_OP_SHAPE = (4, 8, 17, 5, 32, 0.6)
 
 
 def _torch_ops(xs, kept, residual_scale, scaling):
@@ -215,10 +219,10 @@ OP_PROVIDERS = {"reference": _our_ops(reference), "torch_index": _torch_ops, "ou
 
 @pytest.mark.parametrize("provider", list(OP_PROVIDERS))
 @pytest.mark.parametrize("shape", list(OP_SHAPES))
-def test_index_ops(benchmark, measure, shape, provider):
-    n_global, n_local, t_global, t_local, dim, fraction, device = OP_SHAPES[shape]
-    if not _available(device):
-        pytest.skip("GPU shapes need CUDA")
+def test_index_ops(benchmark, measure, bench_env, shape, provider):
+    *sizes, device = OP_SHAPES[shape]
+    device = bench_env.device(device)
+    n_global, n_local, t_global, t_local, dim, fraction = DRY_RUN_OP_SHAPE if bench_env.dry_run else sizes
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     xs = [torch.randn(n_global, t_global, dim, device=device, dtype=dtype, requires_grad=True),
           torch.randn(n_local, t_local, dim, device=device, dtype=dtype, requires_grad=True)]

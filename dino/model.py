@@ -13,7 +13,7 @@ group, as DINO v1/v3 do, and the other ops run their plain-PyTorch reference imp
 
 from __future__ import annotations
 
-import itertools
+import functools
 import math
 from collections.abc import Sequence
 
@@ -40,19 +40,22 @@ def _trunc_normal_init(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-def per_group_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """Plain-PyTorch packed attention: one SDPA call per run of equal-length sequences (a crop group).
+def per_group_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        groups: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """Plain-PyTorch packed attention: one SDPA call per crop group of equal-length sequences.
 
-    q, k, v (T, H, D) -> (T, H, D). Reads the sequence lengths on the host (one sync on GPU): a baseline, not a kernel.
+    q, k, v (T, H, D) -> (T, H, D), packed as ``groups`` says: ``(count, tokens)`` per group, in order, with
+    T = sum(count * tokens). The group shapes come from the host, so there is no device sync: a baseline, not a kernel.
     """
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    total = sum(count * tokens for count, tokens in groups)
+    if total != q.shape[0]:
+        raise ValueError(f"groups {list(groups)} hold {total} tokens; q has {q.shape[0]}")
     outs, start = [], 0
-    for n, run in itertools.groupby(lengths):
-        count = len(list(run))
-        rows = slice(start, start + count * n)
-        qs, ks, vs = (t[rows].unflatten(0, (count, n)).transpose(1, 2) for t in (q, k, v))  # (count, H, n, D)
+    for count, tokens in groups:
+        rows = slice(start, start + count * tokens)
+        qs, ks, vs = (t[rows].unflatten(0, (count, tokens)).transpose(1, 2) for t in (q, k, v))  # (count, H, n, D)
         outs.append(F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2).flatten(0, 1))
-        start += count * n
+        start += count * tokens
     return torch.cat(outs)
 
 
@@ -68,10 +71,12 @@ class Attention(nn.Module):
         qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, -1))
         return qkv.unbind(-3)
 
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                groups: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """(T, D) packed tokens of the crop groups ``groups`` ((count, tokens) each) -> (T, D)."""
         q, k, v = self.qkv_heads(x)
         if dino_kernels.get_backend() == "reference":
-            out = per_group_attention(q, k, v, cu_seqlens)
+            out = per_group_attention(q, k, v, groups)
         else:
             out = dino_kernels.packed_attention(q, k, v, cu_seqlens, max_seqlen)
         return self.proj(out.flatten(-2))
@@ -107,15 +112,20 @@ class Block(nn.Module):
         self.gamma1 = nn.Parameter(torch.full((dim,), layerscale)) if layerscale > 0 else None
         self.gamma2 = nn.Parameter(torch.full((dim,), layerscale)) if layerscale > 0 else None
 
-    def _attn_branch(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
-        return self.attn(self.norm1(x), cu_seqlens, max_seqlen)
+    def _attn_branch(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                     groups: Sequence[tuple[int, int]]) -> torch.Tensor:
+        return self.attn(self.norm1(x), cu_seqlens, max_seqlen, groups)
 
     def _mlp_branch(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
         return self.mlp(self.norm2(x))
 
     def forward(self, xs: list[torch.Tensor], generator: torch.Generator | None = None) -> list[torch.Tensor]:
         rate = self.drop_path if self.training else 0.0
-        xs = dino_kernels.drop_add_residual(xs, self._attn_branch, rate, training=self.training, generator=generator,
+        # The crop groups of the packed tensor the branches see, known on the host: drop_add_residual keeps
+        # max(int(B * (1 - rate)), 1) samples of each group (its documented rule; all of them at rate 0).
+        groups = [(max(int(x.shape[0] * (1.0 - rate)), 1), x.shape[1]) for x in xs]
+        attn_branch = functools.partial(self._attn_branch, groups=groups)
+        xs = dino_kernels.drop_add_residual(xs, attn_branch, rate, training=self.training, generator=generator,
                                             scaling=self.gamma1)
         return dino_kernels.drop_add_residual(xs, self._mlp_branch, rate, training=self.training,
                                               generator=generator, scaling=self.gamma2)

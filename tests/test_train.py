@@ -179,7 +179,27 @@ def test_per_group_attention_matches_reference():
     lengths = [5, 5, 3, 3, 3, 1]
     cu = torch.tensor([0, *np.cumsum(lengths)], dtype=torch.int32)
     q, k, v = (torch.randn(sum(lengths), 2, 8, dtype=torch.float64) for _ in range(3))
-    torch.testing.assert_close(per_group_attention(q, k, v, cu), ref.packed_attention(q, k, v, cu))
+    groups = [(2, 5), (3, 3), (1, 1)]
+    torch.testing.assert_close(per_group_attention(q, k, v, groups), ref.packed_attention(q, k, v, cu))
+    with pytest.raises(ValueError, match="hold 21 tokens; q has 20"):
+        per_group_attention(q, k, v, [(2, 5), (3, 3), (1, 2)])
+
+
+def test_reference_attention_reads_nothing_back_from_the_device(monkeypatch):
+    """The reference model's attention takes its crop groups from the host (no sync per layer on GPU), also when
+    stochastic depth drops samples."""
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, drop_path_rate=0.5).train()
+    crops = [torch.randn(4, 3, 16, 16), torch.randn(6, 3, 8, 8)]
+
+    def no_sync(self, *args, **kwargs):
+        raise AssertionError("host sync")
+
+    with dino_kernels.backend("reference"):
+        vit(crops)  # the cached cu_seqlens of these shapes are built here (once per shapes)
+        monkeypatch.setattr(torch.Tensor, "tolist", no_sync)
+        monkeypatch.setattr(torch.Tensor, "item", no_sync)
+        assert vit(crops).shape == (10, 32)
 
 
 def test_pos_embed_interpolation_and_registers():
