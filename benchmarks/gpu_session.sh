@@ -52,6 +52,8 @@ results=$out/$gpu-$today
 scratch=$(mktemp -d)  # per-phase scratch files, kept out of $OUT (the device tool brings back 8 files at most)
 trap 'rm -rf "$scratch"' EXIT
 failed=0
+budget=${GPU_SESSION_BUDGET_S:-570}  # the device tool kills a command at 600 s
+deadline=$((SECONDS + budget))
 phases=()  # "name|status|seconds|key line" per phase
 
 note() { echo "$*" | tee -a "$log"; }
@@ -79,6 +81,13 @@ write_summary() {
 run_phase() {
   local name=$1 limit=$2 pattern=$3
   shift 3
+  # Never past the session's deadline: the summary must be written before the device tool's limit kills the call.
+  local left=$((deadline - SECONDS))
+  if [ $left -lt 15 ]; then
+    skip_phase "$name" "no time left before the ${budget} s deadline"
+    return 124
+  fi
+  [ "$limit" -le "$left" ] || limit=$left
   note ""
   note "=== phase $name (timeout ${limit}s): $*"
   local start=$SECONDS part=$scratch/phase
@@ -165,7 +174,27 @@ else
     $py -m pytest -q -m cuda -n 4 --timeout=120 -p no:cacheprovider -r fE tests/
 fi
 
-# --------------------------------------------------------------------------------------------------- 4: sanitize
+# ------------------------------------------------------------------------------------------------------ 4: bench
+if [ $dry_run = 1 ]; then
+  run_phase bench 240 "passed|failed|error" $py -m pytest benchmarks/ --benchmark-only -m session --dk-dry-run -q \
+    -p no:cacheprovider --dk-results "$results"
+else
+  run_phase bench 270 "passed|failed|error" $py -m pytest benchmarks/ --benchmark-only -m session -q \
+    -p no:cacheprovider --dk-results "$results"
+fi
+
+# ------------------------------------------------------------------------------------------------------ 5: smoke
+if [ $dry_run = 1 ]; then
+  smoke=(--preset cpu-tiny --steps 4 --num-workers 0)
+else
+  smoke=(--steps 100 --num-workers 8)
+fi
+run_phase smoke 150 "max \|fused" $py -m benchmarks.train_smoke "${smoke[@]}" --out "$out/smoke.json"
+grep -E '^\|' "$scratch/phase" > "$scratch/smoke"
+grep -E 'img/s|max \|fused' "$scratch/phase" >> "$scratch/smoke"
+write_summary
+
+# --------------------------------------------------------------------------------------------------- 6: sanitize
 sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
 if [ $dry_run = 1 ]; then
   skip_phase "sanitize (memcheck, racecheck)" "no GPU"
@@ -178,26 +207,6 @@ else
       "$sanitizer" --tool $tool --error-exitcode 3 $py -m benchmarks.kernel_cases --device cuda --dtypes bfloat16
   done
 fi
-
-# ------------------------------------------------------------------------------------------------------ 5: bench
-if [ $dry_run = 1 ]; then
-  run_phase bench 240 "passed|failed|error" $py -m pytest benchmarks/ --benchmark-only -m session --dk-dry-run -q \
-    -p no:cacheprovider --dk-results "$results"
-else
-  run_phase bench 270 "passed|failed|error" $py -m pytest benchmarks/ --benchmark-only -m session -q \
-    -p no:cacheprovider --dk-results "$results"
-fi
-
-# ------------------------------------------------------------------------------------------------------ 6: smoke
-if [ $dry_run = 1 ]; then
-  smoke=(--preset cpu-tiny --steps 4 --num-workers 0)
-else
-  smoke=(--steps 100 --num-workers 8)
-fi
-run_phase smoke 150 "max \|fused" $py -m benchmarks.train_smoke "${smoke[@]}" --out "$out/smoke.json"
-grep -E '^\|' "$scratch/phase" > "$scratch/smoke"
-grep -E 'img/s|max \|fused' "$scratch/phase" >> "$scratch/smoke"
-write_summary
 
 if [ $dry_run = 0 ] && [ -z "${OUT:-}" ]; then
   cp "$results".json "$results".md benchmarks/results/ 2>/dev/null
