@@ -25,6 +25,7 @@ CASES = {
     "vit-b16": ((12, 64, 64, ((2, 197), (10, 37))), "cuda"),
     "vit-l14": ((16, 64, 32, ((2, 257), (8, 50))), "cuda"),
     "vit-s16 2 images": ((6, 64, 2, ((2, 197), (10, 37))), "cpu"),
+    "cpu-tiny": ((4, 32, 64, ((2, 10), (6, 5))), "cpu"),  # the trainer's CPU preset: 12 and 8 px crops, 4 px patches
 }
 DRY_RUN_SHAPE = (2, 16, 1, ((2, 17), (4, 5)))
 MODES = ("fwd", "fwd+bwd")

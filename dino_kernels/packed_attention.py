@@ -25,8 +25,13 @@ byte at D = 64), so what counts for it is reading its Q, K, V once, which one pr
 Head dims 16, 32, 64, 128 (others fall back to the reference, with a warning); fp16 and bf16 on tensor cores, fp32
 with IEEE products (exact, for checking; not fast: train under autocast).
 
-CPU: sequences are grouped by length and each group runs as one batched call of PyTorch's CPU flash-attention
-kernels (forward and backward), which return and take the log-sum-exp; exact in every floating dtype.
+CPU (C++, ``csrc/packed_attention.cpp``): one task per (sequence, head), handed out longest sequence first to the
+threads; each task writes only its own rows (no atomic adds). A task copies its head's q, k, v rows (any strides with
+a contiguous last dim, read in place) into scratch in the accumulation dtype (fp32; fp64 for fp64) and computes full
+score rows for 16 queries at a time with small register-tiled matrix products: sequences are at most a few hundred
+tokens, so the rows stay in L1 and the softmax needs no online rescaling. The backward recomputes P from the
+log-sum-exp, renormalised to sum to 1 (which removes the LSE's fp32 rounding), and takes ``delta = rowsum(P * dP)``
+rather than ``rowsum(dO * O)`` from the stored output. fp32, fp16, bf16 and fp64, any head dim.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ import triton.language as tl
 from dino_kernels import reference
 from dino_kernels._aot import AOTKernel
 from dino_kernels._backend import debug_enabled, resolve, triton_interpreting
+from dino_kernels._extension import ops
 from dino_kernels._validation import FLOAT_DTYPES, check_ndim, check_positive, check_tensor
 
 # Rows of a program's query block (forward) and of its key and query blocks (backward); also the block size of
@@ -432,59 +438,19 @@ def _bwd_triton(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, scale):
 
 
 # ---------------------------------------------------------------------------------------------- CPU path
-def _length_groups(cu_seqlens: torch.Tensor) -> list[tuple[int, slice | torch.Tensor]]:
-    """(length n, token rows of every sequence of that length) for each non-zero length. The rows are a slice when
-    those sequences are adjacent, as :func:`pack` lays out each crop group, so that they are read in place."""
-    bounds = cu_seqlens.tolist()
-    starts: dict[int, list[int]] = {}
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        if b > a:
-            starts.setdefault(b - a, []).append(a)
-    groups = []
-    for n, s in starts.items():
-        if s[-1] - s[0] == (len(s) - 1) * n:
-            groups.append((n, slice(s[0], s[-1] + n)))
-        else:
-            groups.append((n, (torch.tensor(s)[:, None] + torch.arange(n)).reshape(-1)))
-    return groups
-
-
-# Rows are indexed through (T, H * D) views: index_select on the 3-d tensor is far slower on CPU.
-def _gather(t: torch.Tensor, rows: slice | torch.Tensor, n: int) -> torch.Tensor:
-    """(B * n, H, D) rows of ``t`` -> (B, H, n, D), the layout of PyTorch's batched attention kernels."""
-    return t.reshape(t.shape[0], -1)[rows].view(-1, n, *t.shape[1:]).transpose(1, 2)
-
-
-def _scatter(dest: torch.Tensor, rows: slice | torch.Tensor, value: torch.Tensor) -> None:
-    dest.view(dest.shape[0], -1)[rows] = value.transpose(1, 2).reshape(-1, dest.shape[1] * dest.shape[2])
-
-
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _fwd_cpu(q, k, v, cu_seqlens, scale):
-    total, heads, dim = q.shape
-    out = torch.empty((total, heads, dim), dtype=q.dtype)
-    lse = torch.empty((heads, total), dtype=_lse_dtype(q.dtype))
-    for n, rows in _length_groups(cu_seqlens):
-        o, group_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            _gather(q, rows, n), _gather(k, rows, n), _gather(v, rows, n), 0.0, False, scale=scale)
-        _scatter(out, rows, o)
-        lse[:, rows] = group_lse.to(lse.dtype).permute(1, 0, 2).reshape(heads, -1)
-    return out, lse
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    return ops().packed_attention_fwd_cpu(q, k, v, cu_seqlens, scale)
 
 
 def _bwd_cpu(grad_out, q, k, v, out, lse, cu_seqlens, scale):
-    grads = [torch.empty(t.shape, dtype=t.dtype) for t in (q, k, v)]
-    for n, rows in _length_groups(cu_seqlens):
-        group_lse = lse[:, rows].reshape(lse.shape[0], -1, n).transpose(0, 1).contiguous()
-        group_grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            _gather(grad_out, rows, n), _gather(q, rows, n), _gather(k, rows, n), _gather(v, rows, n),
-            _gather(out, rows, n), group_lse, 0.0, False, scale=scale)
-        for dest, value in zip(grads, group_grads):
-            _scatter(dest, rows, value)
-    return tuple(grads)
+    # `out` is not needed: the kernel takes delta = rowsum(dO * O) as rowsum(P * dP) from the recomputed P.
+    grad_out, q, k, v = (_last_dim_contiguous(t) for t in (grad_out, q, k, v))
+    return ops().packed_attention_bwd_cpu(grad_out, q, k, v, lse, cu_seqlens, scale)
 
 
 # ---------------------------------------------------------------------------------------------- dispatch

@@ -151,17 +151,94 @@ def test_strided_views_scale_and_upper_bound_max_seqlen(backend):
         _assert_close(dqkv[:, i], e, torch.float32, f"grad {i}")
 
 
-def test_bfloat16_and_float64_on_cpu():
-    lengths = [37, 5, 197]
-    for dtype, tolerance in ((torch.bfloat16, TOLERANCE[torch.bfloat16]), (torch.float64, 1e-12)):
-        q, k, v, cu = _inputs(lengths, 2, 64, dtype)
-        grad_out = torch.randn(q.shape).to(dtype)
-        expected, expected_grads = _expected(q, k, v, cu, grad_out)
-        out = dino_kernels.packed_attention(q, k, v, cu, 197)
+# ------------------------------------------------------------------------------------- C++ CPU kernel
+# Every length class of the CPU kernel's tiling (16-row query blocks, 4-row micro-kernels, 16-column tiles): a lone
+# token, 2, one under and one over 64, a ViT-S/16 global crop, and an empty sequence in the middle.
+AWKWARD_LENGTHS = [1, 2, 63, 0, 65, 197]
+
+
+@pytest.mark.parametrize("dim", [8, 40, 64, 80])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64],
+                         ids=lambda d: str(d).removeprefix("torch."))
+def test_cpu_kernel_head_dims_and_dtypes(dim, dtype):
+    """The C++ kernel against float64 in every dtype, head dims that are not multiples of its 16-wide tiles, and
+    grad_output != 1; float64 must be exact (1e-12)."""
+    q, k, v, cu = _inputs(AWKWARD_LENGTHS, 3, dim, dtype)
+    grad_out = torch.randn(q.shape).to(dtype)
+    expected, expected_grads = _expected(q, k, v, cu, grad_out)
+    with dino_kernels.backend("cpu"):
+        out = dino_kernels.packed_attention(q, k, v, cu, max(AWKWARD_LENGTHS))
         grads = torch.autograd.grad(out, (q, k, v), grad_out)
-        assert out.dtype == dtype
-        assert rel_error(out, expected) <= tolerance
-        assert all(rel_error(g, e) <= tolerance for g, e in zip(grads, expected_grads))
+    assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
+    _assert_close(out, expected, dtype, "out")
+    for g, e, what in zip(grads, expected_grads, ("dq", "dk", "dv")):
+        _assert_close(g, e, dtype, what)
+
+
+def _strided_views(total, heads, dim):
+    """q, k, v (T, H, D) in three layouts: head-major (H, T, D).transpose(0, 1), a slice of a wider tensor, and one
+    whose last dim is not contiguous."""
+    q = torch.randn(heads, total, dim).transpose(0, 1)
+    k = torch.randn(total, heads + 2, dim + 5)[:, 1:-1, 3:-2]
+    v = torch.randn(total, heads, dim, 2)[..., 1]
+    return [t.requires_grad_() for t in (q, k, v)]
+
+
+def test_cpu_kernel_strided_views_and_expanded_grad_output():
+    lengths = [5, 70, 1, 33]
+    q, k, v = _strided_views(sum(lengths), 2, 24)
+    cu = _cu(lengths)
+    grad_out = torch.randn(1, 2, 24).expand(sum(lengths), 2, 24)  # strides (0, 24, 1), as from a broadcast loss
+    expected, expected_grads = _expected(q, k, v, cu, grad_out)
+    with dino_kernels.backend("cpu"):
+        out = dino_kernels.packed_attention(q, k, v, cu, 70)
+        grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    _assert_close(out, expected, torch.float32, "out")
+    for g, e, what in zip(grads, expected_grads, ("dq", "dk", "dv")):
+        _assert_close(g, e, torch.float32, what)
+
+
+@pytest.mark.parametrize("lengths", [[0], [0, 0], [0, 3, 0, 0]])
+def test_cpu_kernel_empty_sequences(lengths):
+    q, k, v, cu = _inputs(lengths, 2, 16, torch.float32)
+    grad_out = torch.randn(q.shape)
+    with dino_kernels.backend("cpu"):
+        out, lse = torch.ops.dino_kernels.packed_attention_fwd(q.detach(), k.detach(), v.detach(), cu, 3, 0.25)
+        out_grad = dino_kernels.packed_attention(q, k, v, cu, 3)
+        grads = torch.autograd.grad(out_grad, (q, k, v), grad_out, allow_unused=True)
+    assert out.shape == q.shape and lse.shape == (2, sum(lengths))
+    if sum(lengths):
+        expected, expected_grads = _expected(q, k, v, cu, grad_out)
+        _assert_close(out, expected, torch.float32, "out")
+        for g, e in zip(grads, expected_grads):
+            _assert_close(g, e, torch.float32, "grad")
+    else:
+        assert all(g is None or g.shape == q.shape for g in grads)
+
+
+def test_cpu_kernel_rejects_bad_input_without_crashing():
+    """The C++ ops called directly, past the Python checks: a clear RuntimeError, never a crash."""
+    ops = dino_kernels._extension.ops()
+    q, k, v, cu = _inputs([3, 5], 2, 16, torch.float32, requires_grad=False)
+    out, lse = ops.packed_attention_fwd_cpu(q, k, v, cu, 0.25)
+    bad_fwd = [
+        ((q, k, v, torch.tensor([0, 5, 3, 8], dtype=torch.int32)), "non-decreasing"),
+        ((q, k, v, torch.tensor([0, 3, 9], dtype=torch.int32)), "from 0 to T"),
+        ((q, k, v, torch.tensor([1, 3, 8], dtype=torch.int32)), "from 0 to T"),
+        ((q, k, v, cu.long()), "int32"),
+        ((q, k[:7], v, cu), "one shape and dtype"),
+        ((q, k, v.double(), cu), "one shape and dtype"),
+        ((q[0], k[0], v[0], cu), r"\(T, H, D\)"),
+        ((q, k, torch.randn(8, 2, 16, 2)[..., 0], cu), "contiguous"),
+    ]
+    for args, match in bad_fwd:
+        with pytest.raises(RuntimeError, match=match):
+            ops.packed_attention_fwd_cpu(*args, 0.25)
+    for bad_lse in (lse.double(), lse[:1], lse.t()):
+        with pytest.raises(RuntimeError, match="lse must be"):
+            ops.packed_attention_bwd_cpu(out, q, k, v, bad_lse, cu, 0.25)
+    with pytest.raises(RuntimeError, match="one shape and dtype"):
+        ops.packed_attention_bwd_cpu(out[:7], q, k, v, lse, cu, 0.25)
 
 
 def test_gradcheck_float64_cpu():
