@@ -70,7 +70,7 @@ write_summary() {
     if [ -f "$scratch/smoke" ]; then echo; echo "## Training smoke (loss per step, same seed)"; echo; cat "$scratch/smoke"; fi
     if [ -f "$results.md" ]; then
       echo; echo "## Benchmarks: ours against the strongest baseline (full table: $(basename "$results").md)"; echo
-      grep -E '^\| (case|---)' "$results.md" | head -2
+      grep -E '^\|( case |---)' "$results.md" | head -2
       grep -F '| ours |' "$results.md"
     fi
   } > "$summary"
