@@ -88,13 +88,14 @@ void ema_cpu_(at::TensorList teacher, at::TensorList student, double momentum) {
   });
 }
 
-// `meta`: int64 CUDA tensor holding the tensor table then the chunk table (see cuda_launch.h).
+// `meta`: int64 CUDA tensor holding the tensor table then the chunk table (see cuda_launch.h), on the device of the
+// tensors it lists: the launch runs on that device, whichever is current.
 void ema_cuda_launch(const at::Tensor& meta, int64_t n_tensors, int64_t n_chunks, int64_t chunk_size,
                      double momentum, int64_t teacher_dtype, int64_t student_dtype, int64_t grid_size,
                      int64_t stream) {
 #ifdef DINO_KERNELS_WITH_CUDA
   const int64_t* table = meta.const_data_ptr<int64_t>();
-  const int err = dk_ema_cuda(table, table + 3 * n_tensors, n_chunks, chunk_size, momentum,
+  const int err = dk_ema_cuda(meta.get_device(), table, table + 3 * n_tensors, n_chunks, chunk_size, momentum,
                               static_cast<int>(teacher_dtype), static_cast<int>(student_dtype),
                               static_cast<int>(grid_size), reinterpret_cast<void*>(stream));
   TORCH_CHECK(err == 0, "dino_kernels EMA CUDA kernel failed: ", dk_cuda_error_string(err));

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from dino_kernels import reference
 from dino_kernels._aot import AOTKernel
-from dino_kernels._backend import resolve
+from dino_kernels._backend import device_guard, resolve
 from dino_kernels._extension import ops
 from dino_kernels._validation import check_unit_interval
 
@@ -139,8 +139,9 @@ def _ema_triton(teacher: list[torch.Tensor], student: list[torch.Tensor], moment
             return torch.tensor(rows, dtype=torch.int64).to(tb.device), len(group), len(rows)
 
         table, _, n_chunks = _cached_table(key, build)
-        _ema_kernel[(n_chunks,)](teacher_base, student_base, table, momentum, 1.0 - momentum,
-                                 CHUNK=TRITON_CHUNK, BLOCK=TRITON_BLOCK, num_warps=TRITON_NUM_WARPS)
+        with device_guard(teacher_base.device):
+            _ema_kernel[(n_chunks,)](teacher_base, student_base, table, momentum, 1.0 - momentum,
+                                     CHUNK=TRITON_CHUNK, BLOCK=TRITON_BLOCK, num_warps=TRITON_NUM_WARPS)
 
 
 def _run(teacher: list[torch.Tensor], student: list[torch.Tensor], momentum: float) -> None:
