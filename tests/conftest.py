@@ -1,8 +1,8 @@
 """Test setup: on a machine without a GPU, Triton kernels run on CPU tensors through the interpreter.
 
 TRITON_INTERPRET must be set before anything imports triton (importing torch does not), hence at the top.
-On a GPU machine the Triton kernels compile for real and the tests marked ``cuda`` (in every test file) run them on
-CUDA tensors: ``pytest -m cuda`` selects exactly those. Without a GPU they are skipped.
+On a GPU machine the Triton kernels compile for real and the tests marked ``cuda`` (across the test files) run them
+on CUDA tensors: ``pytest -m cuda`` selects exactly those. Without a GPU they are skipped.
 """
 
 import os
@@ -25,7 +25,7 @@ requires_interpreter = pytest.mark.skipif(
     not INTERPRETING, reason="Triton on CPU tensors needs the interpreter; on GPU machines the `cuda` tests run it"
 )
 HAS_CUDA = torch.cuda.is_available()
-# Cells of a (backend, device, dtype) parametrisation for CUDA tensors: marked `cuda`, so skipped without a GPU.
+# Every dtype the GPU kernels take (bf16 included, which the interpreter cannot run).
 CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
