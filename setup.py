@@ -39,7 +39,7 @@ def _require_cxx_compiler() -> None:
     compiler = os.environ.get("CXX", "c++")
     if not shutil.which(compiler.split()[0]):
         sys.exit(
-            f"dino-kernels needs a C++ compiler (C++17, or C++20 for torch >= 2.13) to build its CPU kernels, and "
+            "dino-kernels needs a C++ compiler (C++17, or C++20 for torch >= 2.13) to build its CPU kernels, and "
             f"`{compiler}` was not found.\n"
             "Install one (Debian/Ubuntu: `apt-get install g++`; conda: `conda install gxx`) or set CXX, then rerun "
             "`pip install --no-build-isolation -e .`."

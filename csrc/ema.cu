@@ -89,16 +89,8 @@ cudaError_t launch_for_teacher(int student_dtype, const int64_t* tensors, const 
   return cudaGetLastError();
 }
 
-}  // namespace
-
-extern "C" const char* dk_cuda_error_string(int error) { return cudaGetErrorString(static_cast<cudaError_t>(error)); }
-
-extern "C" int dk_ema_cuda(const int64_t* tensors, const int64_t* chunks, int64_t n_chunks, int64_t chunk_size,
-                           double momentum, int teacher_dtype, int student_dtype, int grid_size, void* stream_ptr) {
-  if (n_chunks == 0) return 0;
-  if (chunk_size % 8 != 0) return cudaErrorInvalidValue;  // chunks must keep 16-byte alignment of their tensor
-  auto stream = static_cast<cudaStream_t>(stream_ptr);
-  const int grid = static_cast<int>(n_chunks < grid_size ? n_chunks : grid_size);
+cudaError_t launch(const int64_t* tensors, const int64_t* chunks, int64_t n_chunks, int64_t chunk_size,
+                   double momentum, int teacher_dtype, int student_dtype, int grid, cudaStream_t stream) {
   switch (teacher_dtype) {
     case DK_FLOAT32: return launch_for_teacher<float>(student_dtype, tensors, chunks, n_chunks, chunk_size, momentum, grid, stream);
     case DK_FLOAT64: return launch_for_teacher<double>(student_dtype, tensors, chunks, n_chunks, chunk_size, momentum, grid, stream);
@@ -106,4 +98,32 @@ extern "C" int dk_ema_cuda(const int64_t* tensors, const int64_t* chunks, int64_
     case DK_BFLOAT16: return launch_for_teacher<__nv_bfloat16>(student_dtype, tensors, chunks, n_chunks, chunk_size, momentum, grid, stream);
     default: return cudaErrorInvalidValue;
   }
+}
+
+}  // namespace
+
+extern "C" const char* dk_cuda_error_string(int error) { return cudaGetErrorString(static_cast<cudaError_t>(error)); }
+
+extern "C" int dk_ema_cuda(int device, const int64_t* tensors, const int64_t* chunks, int64_t n_chunks,
+                           int64_t chunk_size, double momentum, int teacher_dtype, int student_dtype, int grid_size,
+                           void* stream_ptr) {
+  if (n_chunks == 0) return 0;
+  if (chunk_size % 8 != 0) return cudaErrorInvalidValue;  // chunks must keep 16-byte alignment of their tensor
+  const int grid = static_cast<int>(n_chunks < grid_size ? n_chunks : grid_size);
+  // A launch goes to the current device, which need not be the tensors' one (torch's CUDAGuard is not available
+  // here: this file sees CUDA headers only). Switch to the tensors' device for the launch and switch back.
+  int previous = 0;
+  cudaError_t err = cudaGetDevice(&previous);
+  if (err != cudaSuccess) return err;
+  if (previous != device) {
+    err = cudaSetDevice(device);
+    if (err != cudaSuccess) return err;
+  }
+  err = launch(tensors, chunks, n_chunks, chunk_size, momentum, teacher_dtype, student_dtype, grid,
+               static_cast<cudaStream_t>(stream_ptr));
+  if (previous != device) {
+    const cudaError_t restored = cudaSetDevice(previous);
+    if (err == cudaSuccess) err = restored;
+  }
+  return err;
 }

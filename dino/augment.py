@@ -10,13 +10,16 @@ Per image: 2 global crops and L local crops (``../shared/spec/dino.md`` §4):
 
 then ImageNet normalisation. Crops are bicubic and clamped to [0, 1] (bicubic overshoots). Every sample of every view
 draws its own parameters from torch's global RNG (saved in checkpoints, so a resumed run draws the same crops).
+
+kornia is imported only when a :class:`MultiCropAugmentation` is built: the rest of ``dino`` (the model, k-NN
+evaluation, attention maps, :func:`eval_transform`) imports and runs without it.
 """
 
 from __future__ import annotations
 
 import math
+from types import ModuleType
 
-import kornia.augmentation as K
 import torch
 from torch import nn
 
@@ -37,6 +40,14 @@ def blur_kernel_size(sigma_max: float, size: int) -> int:
     return max(3, min(k, limit))
 
 
+def _kornia_augmentation() -> ModuleType:
+    try:
+        import kornia.augmentation
+    except ImportError as error:
+        raise ImportError(f"dino's multi-crop augmentation needs kornia ({error}): pip install kornia") from error
+    return kornia.augmentation
+
+
 class _ClampUnit(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.clamp_(0.0, 1.0)
@@ -44,6 +55,7 @@ class _ClampUnit(nn.Module):
 
 def _view(size: int, scale: tuple[float, float], hflip_p: float, blur_p: float, blur_sigma: tuple[float, float],
           solarize_p: float) -> nn.Sequential:
+    K = _kornia_augmentation()
     ops: list[nn.Module] = [
         K.RandomResizedCrop((size, size), scale=tuple(scale), resample="BICUBIC", align_corners=False,
                            cropping_mode="resample"),
@@ -64,7 +76,8 @@ class MultiCropAugmentation(nn.Module):
     """uint8 (B, 3, H, W) images on the device -> ``[globals (2B, 3, G, G), locals (L·B, 3, l, l)]`` normalised float.
 
     Rows are view-major, as DINO's loss expects: globals are [g1 (B) | g2 (B)], locals [l1 (B) | … | lL (B)].
-    The locals list entry is omitted when ``n_local_crops`` is 0.
+    The locals list entry is omitted when ``n_local_crops`` is 0. Building one needs kornia (``ImportError``
+    saying so otherwise).
     """
 
     def __init__(self, global_size: int, local_size: int, n_local_crops: int,

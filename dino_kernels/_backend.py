@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Literal
 
 import torch
@@ -67,6 +67,15 @@ def debug_enabled() -> bool:
     memory accesses and fail through a device-side assert instead.
     """
     return os.environ.get(DEBUG_ENV_VAR, "0") == "1"
+
+
+def device_guard(device: torch.device) -> AbstractContextManager:
+    """Context in which ``device`` is the current CUDA device (a no-op for other devices).
+
+    Triton launches a kernel on the current device and its current stream, not on its tensors' device: every Triton
+    launch runs inside this guard, so that tensors on ``cuda:1`` work while ``cuda:0`` is current.
+    """
+    return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
 
 
 def triton_interpreting() -> bool:

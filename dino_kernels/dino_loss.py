@@ -21,7 +21,6 @@ images, vectorised loops), and the official-style eager loss in :mod:`dino_kerne
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 from typing import NamedTuple
 
 import numpy as np
@@ -34,7 +33,7 @@ from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
 from dino_kernels import reference
 from dino_kernels._aot import AOTKernel
-from dino_kernels._backend import resolve
+from dino_kernels._backend import device_guard, resolve
 from dino_kernels._extension import ops
 from dino_kernels._validation import (
     FLOAT_DTYPES,
@@ -368,10 +367,6 @@ def _grad_scales(dtype: torch.dtype, n_global: int, student_temp: float, batch: 
     return exact, 1.0
 
 
-def _device_context(device: torch.device):
-    return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
-
-
 def _forward_triton(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor, n_global: int,
                     student_temp: float, teacher_temp: float, compute_grad: bool):
     for name, t in (("student_logits", student), ("teacher_logits", teacher)):
@@ -393,7 +388,7 @@ def _forward_triton(student: torch.Tensor, teacher: torch.Tensor, center: torch.
     grad = torch.empty_like(student) if compute_grad else student.new_empty(0)
     block_k, num_warps = _student_config(n_cols)
     inv_teacher_temp = float(np.float32(1.0 / teacher_temp))
-    with _device_context(student.device):
+    with device_guard(student.device):
         _dino_teacher_stats_kernel[(n_slices,)](
             teacher, center, partial_max64, partial, mean, n_rows, n_cols, n_slices, inv_teacher_temp,
             1.0 / teacher_temp - inv_teacher_temp, 1.0 / n_rows,
@@ -434,7 +429,7 @@ def _rescale(grad: torch.Tensor, grad_output: torch.Tensor, scale: float) -> Non
         return
     n = grad.numel()
     if n:
-        with _device_context(grad.device):
+        with device_guard(grad.device):
             _dino_loss_rescale_kernel[(triton.cdiv(n, RESCALE_BLOCK),)](
                 grad, grad_output.to(torch.float32), scale, n, BLOCK=RESCALE_BLOCK, num_warps=RESCALE_NUM_WARPS)
 

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from dino_kernels import reference
 from dino_kernels._aot import AOTKernel
-from dino_kernels._backend import resolve
+from dino_kernels._backend import device_guard, resolve
 from dino_kernels._extension import ops
 from dino_kernels._validation import check_unit_interval
 
@@ -106,6 +106,7 @@ def _ema_cuda(teacher: list[torch.Tensor], student: list[torch.Tensor], momentum
     stream = torch.cuda.current_stream(device).cuda_stream
     grid = torch.cuda.get_device_properties(device).multi_processor_count * CUDA_BLOCKS_PER_SM
     for group in _groups(teacher, student):
+        # Addresses and element counts only: the table is the same for any dtypes (they are launch arguments).
         key = ("cuda", device, *((t.data_ptr(), s.data_ptr(), t.numel()) for t, s in group))
 
         def build(group=group):
@@ -127,7 +128,9 @@ def _ema_triton(teacher: list[torch.Tensor], student: list[torch.Tensor], moment
                             f"{group[0][0].dtype}. Use the 'cpu' or 'cuda' backend for float64")
         teacher_base = min((t for t, _ in group), key=lambda t: t.data_ptr())
         student_base = min((s for _, s in group), key=lambda s: s.data_ptr())
-        key = ("triton", teacher_base.device, *((t.data_ptr(), s.data_ptr(), t.numel()) for t, s in group))
+        # The table holds element offsets, so it depends on the element sizes as well as on the addresses.
+        key = ("triton", teacher_base.device, teacher_base.dtype, student_base.dtype,
+               *((t.data_ptr(), s.data_ptr(), t.numel()) for t, s in group))
 
         def build(group=group, tb=teacher_base, sb=student_base):
             rows = []
@@ -139,8 +142,9 @@ def _ema_triton(teacher: list[torch.Tensor], student: list[torch.Tensor], moment
             return torch.tensor(rows, dtype=torch.int64).to(tb.device), len(group), len(rows)
 
         table, _, n_chunks = _cached_table(key, build)
-        _ema_kernel[(n_chunks,)](teacher_base, student_base, table, momentum, 1.0 - momentum,
-                                 CHUNK=TRITON_CHUNK, BLOCK=TRITON_BLOCK, num_warps=TRITON_NUM_WARPS)
+        with device_guard(teacher_base.device):
+            _ema_kernel[(n_chunks,)](teacher_base, student_base, table, momentum, 1.0 - momentum,
+                                     CHUNK=TRITON_CHUNK, BLOCK=TRITON_BLOCK, num_warps=TRITON_NUM_WARPS)
 
 
 def _run(teacher: list[torch.Tensor], student: list[torch.Tensor], momentum: float) -> None:

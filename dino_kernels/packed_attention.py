@@ -46,7 +46,7 @@ import triton.language as tl
 
 from dino_kernels import reference
 from dino_kernels._aot import AOTKernel
-from dino_kernels._backend import debug_enabled, resolve, triton_interpreting
+from dino_kernels._backend import debug_enabled, device_guard, resolve, triton_interpreting
 from dino_kernels._extension import ops
 from dino_kernels._validation import FLOAT_DTYPES, check_ndim, check_positive, check_tensor
 
@@ -381,8 +381,9 @@ def _block_table(cu_seqlens: torch.Tensor, total_tokens: int, max_seqlen: int) -
     size = _table_size(total_tokens, n_seqs, max_seqlen)
     table = torch.empty((size, 3), dtype=torch.int32, device=cu_seqlens.device)
     status = torch.empty(1, dtype=torch.int32, device=cu_seqlens.device)
-    _block_table_kernel[(1,)](cu_seqlens, table, status, n_seqs, total_tokens, max_seqlen, size,
-                              BLOCK=BLOCK_M, SCAN=TABLE_SCAN, num_warps=TABLE_NUM_WARPS)
+    with device_guard(cu_seqlens.device):
+        _block_table_kernel[(1,)](cu_seqlens, table, status, n_seqs, total_tokens, max_seqlen, size,
+                                  BLOCK=BLOCK_M, SCAN=TABLE_SCAN, num_warps=TABLE_NUM_WARPS)
     torch._assert_async(status, "packed_attention: invalid cu_seqlens (must start at 0, be non-decreasing and end "
                                 "at T, with every length <= max_seqlen); set DINO_KERNELS_DEBUG=1 for a precise error")
     return table
@@ -411,10 +412,11 @@ def _fwd_triton(q, k, v, cu_seqlens, max_seqlen, scale):
         return out, lse
     table = _block_table(cu_seqlens, total, max_seqlen)
     num_warps, num_stages = FWD_LAUNCH[dim]
-    _attn_fwd_kernel[(table.shape[0], heads)](
-        q, k, v, out, lse, table, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1), total, scale * _LOG2E,
-        HEAD_DIM=dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps, num_stages=num_stages)
+    with device_guard(q.device):
+        _attn_fwd_kernel[(table.shape[0], heads)](
+            q, k, v, out, lse, table, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            out.stride(0), out.stride(1), total, scale * _LOG2E,
+            HEAD_DIM=dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps, num_stages=num_stages)
     return out, lse
 
 
@@ -429,11 +431,12 @@ def _bwd_triton(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, scale):
         return dq, dk, dv
     table = _block_table(cu_seqlens, total, max_seqlen)
     num_warps, num_stages = BWD_LAUNCH[dim]
-    _attn_bwd_kernel[(table.shape[0], heads)](
-        q, k, v, out, grad_out, dq, dk, dv, lse.contiguous(), table,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        grad_out.stride(0), grad_out.stride(1), total, scale,
-        HEAD_DIM=dim, BLOCK=BLOCK_M, BLOCK_SLAB=BLOCK_SLAB, num_warps=num_warps, num_stages=num_stages)
+    with device_guard(q.device):
+        _attn_bwd_kernel[(table.shape[0], heads)](
+            q, k, v, out, grad_out, dq, dk, dv, lse.contiguous(), table,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+            grad_out.stride(0), grad_out.stride(1), total, scale,
+            HEAD_DIM=dim, BLOCK=BLOCK_M, BLOCK_SLAB=BLOCK_SLAB, num_warps=num_warps, num_stages=num_stages)
     return dq, dk, dv
 
 

@@ -47,7 +47,7 @@ import triton.language as tl
 
 from dino_kernels import reference
 from dino_kernels._aot import AOTKernel
-from dino_kernels._backend import DEBUG_ENV_VAR, debug_enabled, resolve
+from dino_kernels._backend import DEBUG_ENV_VAR, debug_enabled, device_guard, resolve
 from dino_kernels._validation import check_floating, check_same_device, check_tensor
 from dino_kernels.packed_attention import cu_seqlens_for
 
@@ -217,10 +217,11 @@ def _gather_triton(src: torch.Tensor, index: torch.Tensor, out: torch.Tensor, al
     config = _tile_config(m)
     programs, n_m_blocks, n_d_blocks = _grid(n, m, d, config)
     partial = torch.empty((n * n_m_blocks, d) if other is not None else (1,), dtype=torch.float32, device=src.device)
-    _gather_rows_kernel[(programs,)](
-        src, index.contiguous(), out, scaling if scaling is not None else partial,
-        other if other is not None else out, partial, alpha, src.shape[0], m, d, n_m_blocks, n_d_blocks,
-        HAS_SCALING=scaling is not None, WITH_PRODUCT=other is not None, **config)
+    with device_guard(src.device):
+        _gather_rows_kernel[(programs,)](
+            src, index.contiguous(), out, scaling if scaling is not None else partial,
+            other if other is not None else out, partial, alpha, src.shape[0], m, d, n_m_blocks, n_d_blocks,
+            HAS_SCALING=scaling is not None, WITH_PRODUCT=other is not None, **config)
     return partial.sum(0) if other is not None else None
 
 
@@ -253,10 +254,11 @@ def _index_add_triton(x: torch.Tensor | None, index: torch.Tensor | None, src: t
     config = _tile_config(m)
     programs, n_m_blocks, n_d_blocks = _grid(rows, m, d, config)
     seg_start, seg_rows = _segments(index, rows, out.device)
-    _index_add_rows_kernel[(programs,)](
-        x if x is not None else out, src, out, scaling if scaling is not None else _placeholder(out.device),
-        seg_start, seg_rows, alpha, m, d, n_m_blocks, n_d_blocks, HAS_X=x is not None,
-        HAS_SCALING=scaling is not None, **config)
+    with device_guard(out.device):
+        _index_add_rows_kernel[(programs,)](
+            x if x is not None else out, src, out, scaling if scaling is not None else _placeholder(out.device),
+            seg_start, seg_rows, alpha, m, d, n_m_blocks, n_d_blocks, HAS_X=x is not None,
+            HAS_SCALING=scaling is not None, **config)
 
 
 @functools.lru_cache(maxsize=8)

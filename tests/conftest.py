@@ -1,7 +1,8 @@
 """Test setup: on a machine without a GPU, Triton kernels run on CPU tensors through the interpreter.
 
 TRITON_INTERPRET must be set before anything imports triton (importing torch does not), hence at the top.
-On a GPU machine the Triton kernels compile for real and tests/test_gpu.py runs them on CUDA tensors.
+On a GPU machine the Triton kernels compile for real and the tests marked ``cuda`` (across the test files) run them
+on CUDA tensors: ``pytest -m cuda`` selects exactly those. Without a GPU they are skipped.
 """
 
 import os
@@ -21,8 +22,26 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 CPU_BACKENDS = ("auto", "triton") if INTERPRETING else ("auto",)
 # For tests that run the `triton` backend on CPU tensors outside the CPU_BACKENDS parametrisation.
 requires_interpreter = pytest.mark.skipif(
-    not INTERPRETING, reason="Triton on CPU tensors needs the interpreter; on GPU machines tests/test_gpu.py runs it"
+    not INTERPRETING, reason="Triton on CPU tensors needs the interpreter; on GPU machines the `cuda` tests run it"
 )
+HAS_CUDA = torch.cuda.is_available()
+# Every dtype the GPU kernels take (bf16 included, which the interpreter cannot run).
+CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def cuda_param(*values, **kwargs):
+    """A parametrize cell on CUDA tensors (marked ``cuda``, so ``pytest -m cuda`` selects it)."""
+    return pytest.param(*values, marks=pytest.mark.cuda, **kwargs)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` need CUDA tensors: skip them, with the reason, where there is no GPU."""
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="marked `cuda`: needs a CUDA GPU (run `pytest -m cuda` on a GPU machine)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

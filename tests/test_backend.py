@@ -66,3 +66,38 @@ def test_debug_mode_switch(monkeypatch):
     assert not debug_enabled()
     monkeypatch.setenv("DINO_KERNELS_DEBUG", "1")
     assert debug_enabled()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_kernels_run_on_their_tensors_device_not_the_current_one():
+    """Triton and CUDA launches go to the current device unless guarded: with cuda:0 current, every op on cuda:1
+    tensors gives what it gives on the CPU, and cuda:0 is still current afterwards."""
+    from conftest import TOLERANCE, rel_error
+
+    def run_ops(device, backend):
+        torch.manual_seed(0)  # inputs drawn on the CPU, so every device gets the same values
+        q, k, v = (torch.randn(70, 2, 32).to(device).requires_grad_() for _ in range(3))
+        cu = torch.tensor([0, 5, 70], dtype=torch.int32).to(device)
+        x = torch.randn(6, 3, 8).to(device).requires_grad_()
+        student = torch.randn(8, 300).to(device).requires_grad_()
+        teacher, center = torch.randn(4, 300).to(device), torch.zeros(300).to(device)
+        ema_teacher, ema_student = [torch.randn(1000).to(device)], [torch.randn(1000).to(device)]
+        kept = torch.tensor([4, 1]).to(device)
+        with dino_kernels.backend(backend):
+            attention = dino_kernels.packed_attention(q, k, v, cu, 65)
+            gathered = dino_kernels.index_select_cat([x], [kept]).view(2, 3, 8)
+            added = dino_kernels.scaled_index_add(x, kept, gathered * 2, alpha=3.0)
+            loss = dino_kernels.dino_loss(student, teacher, center)
+            grads = torch.autograd.grad(attention.sum() + added.square().sum() + loss, [q, k, v, x, student])
+            dino_kernels.ema_(ema_teacher, ema_student, 0.9)
+        return [attention, added, loss, *grads, ema_teacher[0]]
+
+    expected = run_ops("cpu", "auto")
+    for backend in ("auto", "triton"):
+        torch.cuda.set_device(0)
+        results = run_ops("cuda:1", backend)
+        assert torch.cuda.current_device() == 0
+        for got, want in zip(results, expected):
+            assert got.device == torch.device("cuda", 1)
+            assert rel_error(got.cpu(), want) <= TOLERANCE[torch.float32]

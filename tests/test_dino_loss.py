@@ -94,7 +94,7 @@ def test_mixed_student_teacher_and_center_dtypes(backend):
         _assert_matches(_ours(student, teacher, center, 2, 0.1, 0.04, 1.0), expected, FP32)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA case: the Triton kernels compiled, on a GPU machine")
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("k,batch,n_crops,n_global", CASES + [(65_536, 4, 12, 2), (262_144, 2, 3, 2)])
 def test_cuda_matches_float64_reference(dtype, k, batch, n_crops, n_global):

@@ -1,9 +1,9 @@
 import pytest
 import torch
-from conftest import CPU_BACKENDS, TOLERANCE, rel_error, requires_interpreter
+from conftest import CPU_BACKENDS, TOLERANCE, cuda_param, rel_error, requires_interpreter
 
 import dino_kernels
-from dino_kernels import reference
+from dino_kernels import _extension, reference
 
 SHAPES = [(1,), (7,), (1000, 37), (3, 5, 7, 11), (65_537,)]
 
@@ -114,6 +114,53 @@ def test_ema_bad_input(teacher, student, momentum, error, match):
         dino_kernels.ema_(teacher, student, momentum)
 
 
+@pytest.mark.parametrize("device", ["cpu", cuda_param("cuda")])
+def test_ema_rejects_overlapping_teachers(device):
+    """Teacher tensors sharing memory would race in the fused update: a ValueError names the pair, before any
+    write. Views of one storage that only touch are fine."""
+    buffer = torch.randn(100, device=device)
+    matrix = torch.randn(4, 6, device=device)
+    other = torch.randn(10, device=device)
+    before = [t.clone() for t in (buffer, matrix, other)]
+    student = [torch.randn(10, device=device) for _ in range(3)]
+    with pytest.raises(ValueError, match=r"teacher\[0\] and teacher\[2\] overlap in memory"):
+        dino_kernels.ema_([buffer[5:15], other, buffer[0:10]], student, 0.5)
+    with pytest.raises(ValueError, match=r"teacher\[1\] and teacher\[2\] overlap in memory"):
+        dino_kernels.ema_([other, buffer[:10], buffer[:10]], student, 0.5)  # one tensor passed twice
+    # A transposed (dense, non-contiguous) view and a row of the same matrix.
+    transposed_student = torch.randn(4, 6, device=device).t()
+    with pytest.raises(ValueError, match=r"teacher\[0\] and teacher\[2\] overlap in memory"):
+        dino_kernels.ema_([matrix.t(), other, matrix[3]], [transposed_student, student[0], student[1][:6]], 0.5)
+    assert all(torch.equal(t, b) for t, b in zip((buffer, matrix, other), before))
+    teacher = [buffer[0:10], buffer[10:20], other]
+    expected = _expected(teacher, student, 0.5)
+    dino_kernels.ema_(teacher, student, 0.5)
+    assert all(rel_error(t, e) <= TOLERANCE[torch.float32] for t, e in zip(teacher, expected))
+
+
+# The `triton` backend on CPU tensors (the interpreter) and on CUDA tensors (compiled).
+TRITON_DEVICES = [pytest.param("cpu", marks=requires_interpreter), cuda_param("cuda")]
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_ema_triton_work_tables_are_keyed_by_dtype(device):
+    """Two calls with the same addresses and sizes but another teacher element size: the second must not reuse the
+    first's work table, whose element offsets would then point at the wrong elements."""
+    buffer = torch.zeros(4096, dtype=torch.uint8, device=device)
+    student = [torch.randn(100, device=device), torch.randn(100, device=device)]
+    for dtype in (torch.float32, torch.float16):
+        elements = buffer.view(dtype)
+        second = 1024 // elements.element_size()  # the second tensor starts 1 KiB after the first in both calls
+        teacher = [elements[:100], elements[second:second + 100]]
+        for t in teacher:
+            t.copy_(torch.randn(100, device=device))
+        expected = _expected(teacher, student, 0.5)
+        with dino_kernels.backend("triton"):
+            dino_kernels.ema_(teacher, student, 0.5)
+        for t, e in zip(teacher, expected):
+            assert rel_error(t, e) <= TOLERANCE[dtype], (dtype, rel_error(t, e))
+
+
 @requires_interpreter
 def test_ema_triton_rejects_float64_teacher_clearly():
     with dino_kernels.backend("triton"), pytest.raises(TypeError, match="float64"):
@@ -162,14 +209,17 @@ def test_ema_triton_one_launch_per_dtype_group(monkeypatch):
         assert rel_error(t, e) <= TOLERANCE[t.dtype]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA case: CUDA C++ and compiled Triton kernels, on a GPU")
+@pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["auto", "cuda", "triton"])
 @pytest.mark.parametrize(
     "teacher_dtype,student_dtype",
-    [(torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16),
+    [(torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torch.float32, torch.float16),
+     (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32), (torch.float16, torch.float16),
      (torch.float16, torch.float32), (torch.float64, torch.float32)],
 )
 def test_ema_cuda_matches_float64(backend, teacher_dtype, student_dtype):
+    if backend != "triton" and not _extension.cuda_kernels_compiled():
+        pytest.skip("the extension was built without nvcc: no CUDA C++ EMA kernel (the triton cells still run)")
     if backend == "triton" and teacher_dtype == torch.float64:
         teacher_dtype = torch.float32  # the Triton kernel rejects fp64 teachers (tested on CPU)
     # Disjoint views at odd offsets exercise the unaligned (scalar) path next to the 16-byte one.

@@ -10,7 +10,7 @@ import random
 
 import pytest
 import torch
-from conftest import CPU_BACKENDS, TOLERANCE, rel_error
+from conftest import CPU_BACKENDS, CUDA_DTYPES, TOLERANCE, cuda_param, rel_error, requires_interpreter
 
 import dino_kernels
 from dino_kernels import reference
@@ -79,7 +79,7 @@ def test_matches_float64_reference(backend, name, lengths, heads, dim, dtype):
         _assert_close(g, e, dtype, what)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled Triton kernels need a CUDA GPU")
+@pytest.mark.cuda
 def test_cuda_kernels_match_float64_reference():
     """The compiled kernels on a GPU, bf16 included, every head dim, DINO-like mixes with every length class."""
     lengths = [197, 197] + [37] * 10 + [257, 50, 1, 64, 65, 129] + _random_lengths(8, seed=3)
@@ -132,23 +132,77 @@ def test_log_sum_exp_saved_for_backward(backend):
     assert rel_error(lse, expected) <= 1e-6
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_strided_views_scale_and_upper_bound_max_seqlen(backend):
-    """q, k, v as DINO gets them, ``qkv.unbind(1)`` of a (T, 3, H, D) projection; a custom scale; max_seqlen only an
-    upper bound; a zero-length sequence in the middle."""
-    lengths = [40, 0, 66, 3]
+# (backend, device, dtype): CPU tensors under every CPU backend in fp32 and fp16, CUDA tensors in every dtype.
+DEVICE_CASES = ([(b, "cpu", d) for b in CPU_BACKENDS for d in (torch.float32, torch.float16)]
+                + [cuda_param("auto", "cuda", d) for d in CUDA_DTYPES])
+
+
+def _same_dtype_pytorch(q, k, v, cu, grad_out, scale=None):
+    """Output and gradients of plain PyTorch attention run in the inputs' dtype (its matmuls and softmax), per
+    sequence: the baseline of flash-attn's rule."""
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    bounds = cu.tolist()
+    outs = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        qs, ks, vs = (t[a:b].transpose(0, 1) for t in leaves)
+        outs.append((torch.softmax(qs @ ks.transpose(1, 2) * scale, dim=-1) @ vs).transpose(0, 1))
+    out = torch.cat(outs)
+    return out.detach(), torch.autograd.grad(out, leaves, grad_out)
+
+
+def _assert_flash_rule(actual, expected, pytorch, dtype, what):
+    """flash-attn's rule: at most twice the error of the same computation in plain PyTorch at the inputs' dtype,
+    and never a bound tighter than the dtype's tolerance."""
+    bound = max(TOLERANCE[dtype], 2 * rel_error(pytorch, expected))
+    error = rel_error(actual, expected)
+    assert error <= bound, f"{what}: relative error {error:.3g} > {bound:.3g}"
+
+
+@pytest.mark.parametrize("backend,device,dtype", DEVICE_CASES)
+def test_strided_views_scale_and_upper_bound_max_seqlen(backend, device, dtype):
+    """q, k, v as DINO gets them, ``qkv.view(T, 3, H, D).unbind(1)`` of a (T, 3 H D) projection, at odd lengths
+    (a lone token, a two-block one); a custom scale; max_seqlen only an upper bound; a zero-length sequence."""
+    lengths = [40, 0, 66, 3, 1, 129]
     total, heads, dim = sum(lengths), 2, 32
-    qkv = torch.randn(total, 3, heads, dim, requires_grad=True)
-    q, k, v = qkv.unbind(1)
-    cu = _cu(lengths)
-    grad_out = torch.randn(total, heads, dim)
+    projection = torch.randn(total, 3 * heads * dim).to(dtype).to(device).requires_grad_()
+    q, k, v = projection.view(total, 3, heads, dim).unbind(1)
+    assert q.stride() == (3 * heads * dim, dim, 1)
+    cu = _cu(lengths).to(device)
+    grad_out = torch.randn(total, heads, dim).to(dtype).to(device)
     expected, expected_grads = _expected(q, k, v, cu, grad_out, scale=0.07)
+    pytorch, pytorch_grads = _same_dtype_pytorch(q, k, v, cu, grad_out, scale=0.07)
     with dino_kernels.backend(backend):
         out = dino_kernels.packed_attention(q, k, v, cu, 300, scale=0.07)
-        (dqkv,) = torch.autograd.grad(out, qkv, grad_out)
-    _assert_close(out, expected, torch.float32, "out")
-    for i, e in enumerate(expected_grads):
-        _assert_close(dqkv[:, i], e, torch.float32, f"grad {i}")
+        (grad,) = torch.autograd.grad(out, projection, grad_out)
+    assert out.dtype == dtype and grad.dtype == dtype
+    _assert_flash_rule(out, expected, pytorch, dtype, "out")
+    grads = grad.view(total, 3, heads, dim).unbind(1)
+    for g, e, p, what in zip(grads, expected_grads, pytorch_grads, ("dq", "dk", "dv")):
+        _assert_flash_rule(g, e, p, dtype, what)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_autocast_with_strided_fp32_views(dtype):
+    """The trainer's call on a GPU: fp32 q, k, v (strided views of one (T, 3, H, D) tensor) under
+    torch.autocast("cuda"): the output comes in the autocast dtype, the gradients back in fp32, both against float64
+    from the fp32 inputs (flash-attn's rule against the same cast computation in plain PyTorch)."""
+    lengths = [197, 197, 37, 37, 37, 1, 50, 129, 65]
+    total, heads, dim = sum(lengths), 6, 64
+    cu = _cu(lengths).cuda()
+    qkv = torch.randn(total, 3, heads, dim, device="cuda", requires_grad=True)
+    q, k, v = qkv.unbind(1)
+    grad_out = torch.randn(total, heads, dim, device="cuda").to(dtype)
+    with torch.autocast("cuda", dtype=dtype):
+        out = dino_kernels.packed_attention(q, k, v, cu, max(lengths))
+    (grad,) = torch.autograd.grad(out, qkv, grad_out)
+    assert out.dtype == dtype and grad.dtype == torch.float32
+    expected, expected_grads = _expected(q, k, v, cu, grad_out)
+    pytorch, pytorch_grads = _same_dtype_pytorch(q.to(dtype), k.to(dtype), v.to(dtype), cu, grad_out)
+    _assert_flash_rule(out, expected, pytorch, dtype, "out")
+    for g, e, p, what in zip(grad.unbind(1), expected_grads, pytorch_grads, ("dq", "dk", "dv")):
+        _assert_flash_rule(g, e, p, dtype, what)
 
 
 # ------------------------------------------------------------------------------------- C++ CPU kernel
@@ -266,9 +320,14 @@ def test_reference_backend_and_reference_forms_agree():
     assert all(rel_error(g, e) <= 1e-12 for g, e in zip(grads, expected_grads))
 
 
-def test_unsupported_head_dim_falls_back_to_reference_with_a_warning():
-    q, k, v, cu = _inputs([5, 9], 1, 24, torch.float32)
-    expected, _ = _expected(q, k, v, cu, torch.ones(q.shape))
+# The `triton` backend on CPU tensors (the interpreter) and on CUDA tensors (compiled).
+TRITON_DEVICES = [pytest.param("cpu", marks=requires_interpreter), cuda_param("cuda")]
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_unsupported_head_dim_falls_back_to_reference_with_a_warning(device):
+    q, k, v, cu = (t.detach().to(device) for t in _inputs([5, 9], 1, 24, torch.float32))
+    expected, _ = _expected(q, k, v, cu, torch.ones_like(q))
     with dino_kernels.backend("triton"), pytest.warns(UserWarning, match="head dim 24 has no Triton kernel"):
         out = dino_kernels.packed_attention(q, k, v, cu, 9)
     _assert_close(out, expected, torch.float32, "out")
@@ -354,10 +413,7 @@ BAD_INPUTS = [
 ]
 
 
-DEVICES = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
-
-
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", ["cpu", cuda_param("cuda")])
 @pytest.mark.parametrize("backend", CPU_BACKENDS + ("reference",))
 @pytest.mark.parametrize("change,error,match", BAD_INPUTS, ids=[m[:30] for _, _, m in BAD_INPUTS])
 def test_bad_input(monkeypatch, device, backend, change, error, match):
@@ -376,15 +432,19 @@ def test_bad_scale(scale, error):
         dino_kernels.packed_attention(**_good(), scale=scale)
 
 
-def test_triton_rejects_what_it_cannot_run():
-    args = _good()
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_triton_rejects_what_it_cannot_run(device):
+    args = {n: a.to(device) if isinstance(a, torch.Tensor) else a for n, a in _good().items()}
     with dino_kernels.backend("triton"):
         with pytest.raises(TypeError, match="float64"):
             dino_kernels.packed_attention(**{**args, **{n: args[n].double() for n in "qkv"}})
-        with pytest.raises(TypeError, match="bfloat16 is broken in the Triton interpreter"):
-            dino_kernels.packed_attention(**{**args, **{n: args[n].bfloat16() for n in "qkv"}})
+        if device == "cpu":  # a limitation of the interpreter only
+            with pytest.raises(TypeError, match="bfloat16 is broken in the Triton interpreter"):
+                dino_kernels.packed_attention(**{**args, **{n: args[n].bfloat16() for n in "qkv"}})
 
 
+# CPU only: on CUDA the device-side assertion would poison the process's CUDA context for every later test.
+@requires_interpreter
 def test_device_side_guard_without_host_checks():
     """On CUDA, outside debug mode, cu_seqlens values are not checked on the host: the block-table kernel clamps
     every address and raises a device-side assertion instead. Run that path directly (interpreter, CPU)."""
@@ -396,9 +456,10 @@ def test_device_side_guard_without_host_checks():
     assert table.tolist()[:2] == [[0, 3, 0], [3, 8, 3]] and not table[2:].any()  # spare programs: empty entries
 
 
-def test_block_table_covers_every_block_once():
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_block_table_covers_every_block_once(device):
     lengths = [1, 64, 65, 0, 200, 37, 129]
-    table = pa._block_table(_cu(lengths), sum(lengths), max(lengths))
+    table = pa._block_table(_cu(lengths).to(device), sum(lengths), max(lengths)).cpu()
     cu = _cu(lengths).tolist()
     expected = [[cu[i], cu[i + 1], cu[i] + j] for i, n in enumerate(lengths) for j in range(0, n, pa.BLOCK_M)]
     assert table.shape[0] >= len(expected)

@@ -1,12 +1,13 @@
 """Sample-skipping stochastic depth: scaled_index_add, index_select_cat and drop_add_residual.
 
 Every result is checked against float64 formulas computed from the same (rounded) inputs; the Triton kernels run
-in the interpreter on small shapes (``triton`` backend), the CPU path under ``auto``.
+in the interpreter on small shapes (``triton`` backend), the CPU path under ``auto``, and on a GPU the parity tests
+run on CUDA tensors too (compiled Triton kernels, bf16 included; marked ``cuda``).
 """
 
 import pytest
 import torch
-from conftest import CPU_BACKENDS, TOLERANCE, rel_error
+from conftest import CPU_BACKENDS, CUDA_DTYPES, TOLERANCE, cuda_param, rel_error, requires_interpreter
 
 import dino_kernels
 from dino_kernels import reference, stochastic_depth
@@ -16,8 +17,14 @@ from dino_kernels import reference, stochastic_depth
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning")
 
 DTYPES = (torch.float32, torch.float16)
+# (backend, device, dtype): CPU tensors under every CPU backend in fp32 and fp16, CUDA tensors in every dtype.
+DEVICE_CASES = ([(b, "cpu", d) for b in CPU_BACKENDS for d in DTYPES]
+                + [cuda_param("auto", "cuda", d) for d in CUDA_DTYPES])
+# The `triton` backend on CPU tensors (the interpreter) and on CUDA tensors (compiled).
+TRITON_DEVICES = [pytest.param("cpu", marks=requires_interpreter), cuda_param("cuda")]
 
-# (x shape, index): duplicates, a single row, 2-d rows (the flat tile), 4-d rows, every row, odd widths.
+# (x shape, index): duplicates, a single row, 2-d rows (the flat tile), 4-d rows, every row, odd widths, and rows of
+# several 32 x 128 tiles in both directions (67 tokens, width 260).
 INDEX_CASES = [
     ((5, 3, 7), [3, 0, 3]),
     ((1, 1, 1), [0]),
@@ -25,6 +32,7 @@ INDEX_CASES = [
     ((4, 2, 3, 5), [1, 3]),
     ((3, 37, 9), [2, 0, 1]),
     ((4, 6, 130), [0, 3, 0, 0, 2]),
+    ((5, 67, 260), [4, 0, 4, 2]),
 ]
 
 
@@ -38,18 +46,17 @@ def _grads(output, inputs, grad_output):
 
 
 # ------------------------------------------------------------------------------------------ scaled_index_add
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend,device,dtype", DEVICE_CASES)
 @pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
 @pytest.mark.parametrize("with_scaling", [False, True])
 @pytest.mark.parametrize("shape,rows", INDEX_CASES)
-def test_scaled_index_add_matches_float64(backend, dtype, index_dtype, with_scaling, shape, rows):
-    x = torch.randn(shape).to(dtype).requires_grad_()
-    index = torch.tensor(rows, dtype=index_dtype)
-    src = torch.randn(len(rows), *shape[1:]).to(dtype).requires_grad_()
-    scaling = torch.randn(shape[-1]).requires_grad_() if with_scaling else None
+def test_scaled_index_add_matches_float64(backend, device, dtype, index_dtype, with_scaling, shape, rows):
+    x = torch.randn(shape).to(dtype).to(device).requires_grad_()
+    index = torch.tensor(rows, dtype=index_dtype, device=device)
+    src = torch.randn(len(rows), *shape[1:]).to(dtype).to(device).requires_grad_()
+    scaling = torch.randn(shape[-1], device=device).requires_grad_() if with_scaling else None
     alpha = 1.7
-    grad_output = torch.randn(shape).to(dtype)
+    grad_output = torch.randn(shape).to(dtype).to(device)
     with dino_kernels.backend(backend):
         out = dino_kernels.scaled_index_add(x, index, src, alpha=alpha, scaling=scaling)
         grads = _grads(out, [x, src, scaling], grad_output)
@@ -102,12 +109,11 @@ def test_scaled_index_add_strided_inputs_and_partial_grads(backend):
 
 
 # ------------------------------------------------------------------------------------------ index_select_cat
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_index_select_cat_matches_float64(backend, dtype):
-    xs = [torch.randn(4, 5, 6).to(dtype).requires_grad_(), torch.randn(7, 2, 6).to(dtype).requires_grad_(),
-          torch.randn(3, 6).to(dtype).requires_grad_()]
-    indices = [torch.tensor([3, 0, 3]), torch.tensor([6, 1], dtype=torch.int32), torch.tensor([2, 1, 0, 2])]
+@pytest.mark.parametrize("backend,device,dtype", DEVICE_CASES)
+def test_index_select_cat_matches_float64(backend, device, dtype):
+    xs = [torch.randn(shape).to(dtype).to(device).requires_grad_() for shape in ((4, 5, 6), (7, 2, 6), (3, 6))]
+    indices = [torch.tensor(rows, dtype=index_dtype, device=device) for rows, index_dtype in
+               (([3, 0, 3], torch.int64), ([6, 1], torch.int32), ([2, 1, 0, 2], torch.int64))]
     with dino_kernels.backend(backend):
         packed = dino_kernels.index_select_cat(xs, indices)
         grad_output = torch.randn_like(packed)
@@ -131,10 +137,10 @@ def test_index_select_cat_empty_selection():
 class Branch(torch.nn.Module):
     """A per-token residual branch (LayerNorm, MLP) that records what it was called with."""
 
-    def __init__(self, dim: int, dtype: torch.dtype = torch.float32):
+    def __init__(self, dim: int, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
         super().__init__()
         self.net = torch.nn.Sequential(torch.nn.LayerNorm(dim), torch.nn.Linear(dim, 2 * dim), torch.nn.GELU(),
-                                       torch.nn.Linear(2 * dim, dim)).to(dtype)
+                                       torch.nn.Linear(2 * dim, dim)).to(device=device, dtype=dtype)
         self.calls = []
 
     def forward(self, x):
@@ -151,15 +157,16 @@ class PackedBranch(Branch):
         lengths = cu_seqlens.diff().long()
         assert int(lengths.max()) <= max_seqlen
         tokens = self.net(packed)
-        sequence = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
-        means = torch.zeros(len(lengths), packed.shape[1], dtype=tokens.dtype).index_add(0, sequence, tokens)
+        sequence = torch.repeat_interleave(torch.arange(len(lengths), device=packed.device), lengths)
+        means = torch.zeros(len(lengths), packed.shape[1], dtype=tokens.dtype, device=packed.device).index_add(
+            0, sequence, tokens)
         out = tokens + (means / lengths[:, None].to(tokens.dtype))[sequence]
         self.calls.append((packed.detach().clone(), out.detach().clone(), cu_seqlens.clone(), max_seqlen))
         return out
 
 
 def _copy_to_float64(branch):
-    twin = type(branch)(branch.net[0].normalized_shape[0], torch.float64)
+    twin = type(branch)(branch.net[0].normalized_shape[0], torch.float64, branch.net[0].weight.device)
     twin.net.load_state_dict({k: v.double() for k, v in branch.net.state_dict().items()})
     return twin
 
@@ -177,15 +184,14 @@ def _check_rows(out, x, branch_in, branch_out, alpha, scaling, dtype):
     return order
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend,device,dtype", DEVICE_CASES)
 @pytest.mark.parametrize("batch,tokens,drop_rate", [(8, 5, 0.3), (10, 3, 0.9), (6, 1, 0.5), (1, 4, 0.4),
                                                     (5, 2, 0.0)])
-def test_drop_add_residual_semantics(backend, dtype, batch, tokens, drop_rate):
+def test_drop_add_residual_semantics(backend, device, dtype, batch, tokens, drop_rate):
     dim = 6
-    x = torch.randn(batch, tokens, dim).to(dtype)
-    scaling = torch.randn(dim)
-    branch = Branch(dim, dtype)
+    x = torch.randn(batch, tokens, dim).to(dtype).to(device)
+    scaling = torch.randn(dim, device=device)
+    branch = Branch(dim, dtype, device)
     generator = torch.Generator().manual_seed(3)
     state = generator.get_state()
     keep = max(int(batch * (1 - drop_rate)), 1)
@@ -209,15 +215,14 @@ def test_drop_add_residual_eval_mode_is_the_full_residual(backend):
     assert rel_error(unscaled, x.double() + residual) <= TOLERANCE[torch.float32]
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_drop_add_residual_gradients(backend, dtype):
+@pytest.mark.parametrize("backend,device,dtype", DEVICE_CASES)
+def test_drop_add_residual_gradients(backend, device, dtype):
     """Grads of x, of the branch's weights and of scaling against the same computation in float64."""
     batch, tokens, dim, drop_rate = 7, 3, 8, 0.4
-    x = torch.randn(batch, tokens, dim).to(dtype).requires_grad_()
-    scaling = torch.randn(dim).requires_grad_()
-    branch = Branch(dim, dtype)
-    grad_output = torch.randn(batch, tokens, dim).to(dtype)
+    x = torch.randn(batch, tokens, dim).to(dtype).to(device).requires_grad_()
+    scaling = torch.randn(dim, device=device).requires_grad_()
+    branch = Branch(dim, dtype, device)
+    grad_output = torch.randn(batch, tokens, dim).to(dtype).to(device)
     with dino_kernels.backend(backend):
         out = dino_kernels.drop_add_residual(x, branch, drop_rate, generator=torch.Generator().manual_seed(5),
                                              scaling=scaling)
@@ -227,8 +232,8 @@ def test_drop_add_residual_gradients(backend, dtype):
     out64 = reference.drop_add_residual(x64, branch64, drop_rate, generator=torch.Generator().manual_seed(5),
                                         scaling=scaling64)
     grads64 = torch.autograd.grad(out64, [x64, scaling64, *branch64.parameters()], grad_output.double())
-    # fp16: the branch itself runs in fp16, so the bound is flash-attn's rule: at most twice the error of the same
-    # computation done by the plain-PyTorch reference in that dtype (plus fp16's rounding floor).
+    # fp16, bf16: the branch itself runs in that dtype, so the bound is flash-attn's rule: at most twice the error of
+    # the same computation done by the plain-PyTorch reference in that dtype (plus the dtype's rounding floor).
     with dino_kernels.backend("reference"):
         out_ref = reference.drop_add_residual(x, branch, drop_rate, generator=torch.Generator().manual_seed(5),
                                               scaling=scaling)
@@ -239,14 +244,13 @@ def test_drop_add_residual_gradients(backend, dtype):
         assert rel_error(got, want) <= bound, (i, rel_error(got, want), rel_error(ref, want))
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_drop_add_residual_multi_crop(backend, dtype):
+@pytest.mark.parametrize("backend,device,dtype", DEVICE_CASES)
+def test_drop_add_residual_multi_crop(backend, device, dtype):
     """Two crop groups of different N: one packed branch call, each group its own subset, grads in float64."""
     dim, drop_rate = 8, 0.4
-    xs = [torch.randn(5, 6, dim).to(dtype).requires_grad_(), torch.randn(7, 2, dim).to(dtype).requires_grad_()]
-    scaling = torch.randn(dim).requires_grad_()
-    branch = PackedBranch(dim, dtype)
+    xs = [torch.randn(shape).to(dtype).to(device).requires_grad_() for shape in ((5, 6, dim), (7, 2, dim))]
+    scaling = torch.randn(dim, device=device).requires_grad_()
+    branch = PackedBranch(dim, dtype, device)
     grad_outputs = [torch.randn_like(x) for x in xs]
     with dino_kernels.backend(backend):
         outs = dino_kernels.drop_add_residual(xs, branch, drop_rate, generator=torch.Generator().manual_seed(1),
@@ -435,21 +439,23 @@ def test_drop_add_residual_bad_input(x, branch, drop_rate, kwargs, error, match)
         dino_kernels.drop_add_residual(x, branch, drop_rate, **kwargs)
 
 
-def test_triton_backend_rejects_float64_clearly():
-    x = torch.zeros(3, 2, dtype=torch.float64)
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_triton_backend_rejects_float64_clearly(device):
+    x = torch.zeros(3, 2, dtype=torch.float64, device=device)
     with dino_kernels.backend("triton"), pytest.raises(TypeError, match="float64"):
-        dino_kernels.scaled_index_add(x, torch.tensor([0]), x[:1])
+        dino_kernels.scaled_index_add(x, torch.tensor([0], device=device), x[:1])
 
 
-def test_kernels_never_leave_the_tensors_for_unchecked_indices():
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_kernels_never_leave_the_tensors_for_unchecked_indices(device):
     """The ops behind the public checks (torch.compile skips them) mask out-of-range rows instead of reading or
     writing outside the tensors: the gather yields zeros, the add ignores them."""
-    x, src = torch.randn(3, 2, 4), torch.randn(2, 2, 4)
-    index = torch.tensor([5, 1])
+    x, src = torch.randn(3, 2, 4, device=device), torch.randn(2, 2, 4, device=device)
+    index = torch.tensor([5, 1], device=device)
     with dino_kernels.backend("triton"):
-        gathered = torch.ops.dino_kernels.index_select_cat([x], [torch.tensor([1, 7, -1])])
+        gathered = torch.ops.dino_kernels.index_select_cat([x], [torch.tensor([1, 7, -1], device=device)])
         added = torch.ops.dino_kernels.scaled_index_add(x, index, src, None, 1.0)
-    assert torch.equal(gathered[:2], x[1]) and torch.equal(gathered[2:], torch.zeros(4, 4))
+    assert torch.equal(gathered[:2], x[1]) and torch.equal(gathered[2:], torch.zeros(4, 4, device=device))
     assert torch.equal(added[[0, 2]], x[[0, 2]]) and torch.allclose(added[1], x[1] + src[1])
 
 

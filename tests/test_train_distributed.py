@@ -1,5 +1,8 @@
 """`dino.train` under DDP: 2 CPU processes with gloo (what `torchrun --nproc_per_node=2 -m dino.train` sets up).
 
+The ranks are pinned to the CPU (``device="cpu"``), also on a GPU machine, where ``auto`` would put rank 1 on a
+cuda:1 that a one-GPU machine lacks. Training augments, so the test needs kornia (skipped without it).
+
 Checks that the ranks stay in lockstep (identical student and teacher weights and DINO center after training: DDP
 averages gradients, the center update all-reduces the teacher batch means), that each rank saw its own half of the
 data, and that only rank 0 evaluated and wrote the run directory.
@@ -11,6 +14,7 @@ import json
 import os
 import socket
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -18,11 +22,13 @@ import dino.train as train_mod
 from dino.checkpoint import load_checkpoint
 from dino.config import resolve_config
 
+pytest.importorskip("kornia", reason="training augments, which needs kornia (pip install kornia)")
+
 WORLD_SIZE = 2
 CONFIG = {
-    "preset": "cpu-tiny", "embed_dim": 32, "depth": 2, "num_heads": 2, "batch_size": 64, "n_local_crops": 2,
-    "out_dim": 64, "head_hidden_dim": 64, "head_bottleneck_dim": 32, "num_workers": 0, "progress": False,
-    "epochs": 2, "warmup_epochs": 1, "eval_every": 1,
+    "preset": "cpu-tiny", "device": "cpu", "embed_dim": 32, "depth": 2, "num_heads": 2, "batch_size": 64,
+    "n_local_crops": 2, "out_dim": 64, "head_hidden_dim": 64, "head_bottleneck_dim": 32, "num_workers": 0,
+    "progress": False, "epochs": 2, "warmup_epochs": 1, "eval_every": 1,
 }
 
 
