@@ -106,7 +106,7 @@ def _dino_teacher_stats_kernel(
     col_mask = cols < n_cols
     center = tl.load(center_ptr + cols, mask=col_mask, other=0.0)
     col_sum = tl.zeros([BLOCK_K], dtype=tl.float32)
-    plane = n_rows.to(tl.int64) * n_slices
+    plane = tl.cast(n_rows, tl.int64) * n_slices  # tl.cast: the JIT passes n_rows = 1 as a plain int
     for row_start in range(0, n_rows, BLOCK_ROWS):
         rows = row_start + tl.arange(0, BLOCK_ROWS)
         row_mask = rows < n_rows
@@ -159,7 +159,7 @@ def _dino_teacher_finalize_kernel(
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0)
-    plane = n_rows.to(tl.int64) * n_slices
+    plane = tl.cast(n_rows, tl.int64) * n_slices  # tl.cast: the JIT passes n_rows = 1 as a plain int
     base = row.to(tl.int64) * n_slices
     m = float("-inf")
     m64 = tl.full((), float("-inf"), tl.float64)

@@ -98,7 +98,7 @@ def _gather_rows_kernel(
     BLOCK_D: tl.constexpr,
 ):
     j, row_block, tile, offs_d, mask = _tile(tl.program_id(0), n_m_blocks, n_d_blocks, M, D, BLOCK_M, BLOCK_D)
-    row_numel = M.to(tl.int64) * D
+    row_numel = tl.cast(M, tl.int64) * D  # tl.cast: the JIT passes M = 1 as a plain int
     source_row = tl.load(index + j).to(tl.int64)
     # Out-of-range rows read as zeros instead of outside src (the public API has already raised for them).
     in_range = (source_row >= 0) & (source_row < n_src)
@@ -133,7 +133,7 @@ def _index_add_rows_kernel(
     BLOCK_D: tl.constexpr,
 ):
     b, row_block, tile, offs_d, mask = _tile(tl.program_id(0), n_m_blocks, n_d_blocks, M, D, BLOCK_M, BLOCK_D)
-    row_numel = M.to(tl.int64) * D
+    row_numel = tl.cast(M, tl.int64) * D  # tl.cast: the JIT passes M = 1 as a plain int
     start = tl.load(seg_start + b)
     end = tl.load(seg_start + b + 1)
     # Duplicates accumulate here in fp32, in a fixed order; a dropped row has an empty segment and is a copy of x.

@@ -99,13 +99,19 @@ def compile_one(job: tuple[str, int, int, int]) -> list[dict[str, Any]]:
     signature, config = spec.signatures[s], spec.configs[c]
     constexprs = {n: v for n, v in config.items() if n not in LAUNCH_OPTIONS}
     options = {n: v for n, v in config.items() if n in LAUNCH_OPTIONS}
+    variants = [(signature, constexprs)]
+    if s == 0 and c == 0:
+        # The JIT turns every integer argument equal to 1 into a constant (a Python int inside the kernel, where
+        # e.g. `n.to(tl.int64)` fails to compile): compile that specialisation too, once per kernel.
+        ones = [n for n, kind in signature.items() if kind in ("i32", "i64")]
+        variants.append(({n: "constexpr" if n in ones else kind for n, kind in signature.items()},
+                         {**constexprs, **dict.fromkeys(ones, 1)}))
     results = []
-    for arch in TARGETS:
-        record = {"kernel": f"{module_name}.{spec.name}", "arch": f"sm_{arch}", "signature": signature,
-                  "config": config}
+    for (sig, consts), arch in itertools.product(variants, TARGETS):
+        record = {"kernel": f"{module_name}.{spec.name}", "arch": f"sm_{arch}", "signature": sig,
+                  "config": {**config, **{n: v for n, v in consts.items() if n not in constexprs}}}
         try:
-            source = ASTSource(fn=spec.kernel, signature=signature, constexprs=constexprs,
-                               attrs=_aligned_attrs(signature))
+            source = ASTSource(fn=spec.kernel, signature=sig, constexprs=consts, attrs=_aligned_attrs(sig))
             compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
             shared = int(compiled.metadata.shared)
             record.update(ok=shared <= SHARED_MEMORY_LIMIT[arch], shared=shared,
