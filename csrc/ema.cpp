@@ -44,14 +44,22 @@ bool is_float(const at::Tensor& t) {
   return type == at::kFloat || type == at::kDouble || type == at::kHalf || type == at::kBFloat16;
 }
 
+// The checks below return what is wrong as integers, {problem, i, j} (empty when the inputs are fine), and Python
+// words the error: on the GPU machines' build (g++ 13, torch 2.11+cu130) formatting a message in this library
+// (c10::str, TORCH_CHECK_VALUE) crashed the process, while the same code built here raised cleanly. Keep string
+// formatting out of this file's user-facing paths.
+enum Problem : int64_t { kLength = 1, kTeacherDtype, kStudentDtype, kShape, kDevice, kStrides, kOverlap };
+
+using Found = std::vector<int64_t>;
+
 // Teacher tensors that share memory would be written by several threads at once, each reading what another may
 // already have updated: reject them. Every tensor is dense (checked before), so it covers exactly the bytes
 // [data_ptr, data_ptr + numel * element_size). Sorting those ranges by start finds any overlap in O(n log n):
 // microseconds for the few hundred tensors of a ViT.
-void check_teachers_disjoint(at::TensorList teacher) {
+Found check_teachers_disjoint(at::TensorList teacher) {
   struct Range {
     uintptr_t begin, end;
-    size_t index;
+    int64_t index;
   };
   std::vector<Range> ranges;
   ranges.reserve(teacher.size());
@@ -59,46 +67,39 @@ void check_teachers_disjoint(at::TensorList teacher) {
     const at::Tensor& t = teacher[i];
     const auto begin = reinterpret_cast<uintptr_t>(t.has_storage() ? t.data_ptr() : nullptr);
     if (t.numel() == 0 || begin == 0) continue;  // empty, or no memory behind it (meta tensors)
-    ranges.push_back({begin, begin + static_cast<uintptr_t>(t.numel() * t.element_size()), i});
+    ranges.push_back({begin, begin + static_cast<uintptr_t>(t.numel() * t.element_size()), static_cast<int64_t>(i)});
   }
   std::sort(ranges.begin(), ranges.end(), [](const Range& a, const Range& b) { return a.begin < b.begin; });
   // If range i overlaps a later range j, it overlaps range i + 1 too (which starts at or before j): checking
   // neighbours is enough.
   for (size_t r = 1; r < ranges.size(); ++r) {
-    TORCH_CHECK_VALUE(ranges[r].begin >= ranges[r - 1].end, "teacher[", std::min(ranges[r - 1].index, ranges[r].index),
-                      "] and teacher[", std::max(ranges[r - 1].index, ranges[r].index),
-                      "] overlap in memory (views of one storage, or one tensor passed twice): updating both in place "
-                      "would race; pass each teacher tensor once");
+    if (ranges[r].begin < ranges[r - 1].end) {
+      return {kOverlap, std::min(ranges[r - 1].index, ranges[r].index), std::max(ranges[r - 1].index, ranges[r].index)};
+    }
   }
+  return {};
 }
 
 // Checks every pair once, in C++ because DINO calls this each step on hundreds of tensors and Python-side checks
-// would cost as much as the update itself on a GPU. Raises ValueError / TypeError in Python.
-void ema_validate(at::TensorList teacher, at::TensorList student) {
-  TORCH_CHECK_VALUE(teacher.size() == student.size(), "teacher and student must have the same length; got ",
-                    teacher.size(), " and ", student.size());
-  for (size_t i = 0; i < teacher.size(); ++i) {
-    const at::Tensor& t = teacher[i];
-    const at::Tensor& s = student[i];
-    TORCH_CHECK_TYPE(is_float(t), "teacher[", i, "] must be floating point (float32, float16, bfloat16 or float64); got ",
-                     t.scalar_type());
-    TORCH_CHECK_TYPE(is_float(s), "student[", i, "] must be floating point (float32, float16, bfloat16 or float64); got ",
-                     s.scalar_type());
-    TORCH_CHECK_VALUE(t.sizes() == s.sizes(), "teacher[", i, "] has shape ", t.sizes(), " but student[", i, "] has ",
-                      s.sizes());
-    TORCH_CHECK_VALUE(t.device() == s.device() && t.device() == teacher[0].device(),
-                      "all tensors must be on one device: teacher[0] is on ", teacher[0].device(), ", teacher[", i,
-                      "] on ", t.device(), ", student[", i, "] on ", s.device());
+// would cost as much as the update itself on a GPU.
+Found ema_check(at::TensorList teacher, at::TensorList student) {
+  if (teacher.size() != student.size()) return {kLength, 0, 0};
+  for (size_t p = 0; p < teacher.size(); ++p) {
+    const at::Tensor& t = teacher[p];
+    const at::Tensor& s = student[p];
+    const auto i = static_cast<int64_t>(p);
+    if (!is_float(t)) return {kTeacherDtype, i, i};
+    if (!is_float(s)) return {kStudentDtype, i, i};
+    if (t.sizes() != s.sizes()) return {kShape, i, i};
+    if (t.device() != s.device() || t.device() != teacher[0].device()) return {kDevice, i, i};
     // The kernels walk storage in memory order, which is the same element order for both tensors only when both
     // are dense with equal strides (any contiguous or channels-last pair qualifies).
-    TORCH_CHECK_VALUE(t.numel() == 0 || (t.is_non_overlapping_and_dense() && t.strides() == s.strides()),
-                      "teacher[", i, "] and student[", i, "] must be dense with equal strides (e.g. both contiguous); "
-                      "got strides ", t.strides(), " and ", s.strides());
+    if (t.numel() != 0 && !(t.is_non_overlapping_and_dense() && t.strides() == s.strides())) return {kStrides, i, i};
   }
-  check_teachers_disjoint(teacher);
+  return check_teachers_disjoint(teacher);
 }
 
-// Inputs passed ema_validate: pairs share numel and strides and are dense, so the update runs over storage.
+// Inputs passed ema_check: pairs share numel and strides and are dense, so the update runs over storage.
 // The work is split over the concatenation of all tensors, so a list of many tiny tensors (biases, norms) is a few
 // chunks rather than one parallel task each.
 void ema_cpu_(at::TensorList teacher, at::TensorList student, double momentum) {
@@ -138,7 +139,7 @@ void ema_cuda_launch(const at::Tensor& meta, int64_t n_tensors, int64_t n_chunks
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(dino_kernels_C, m) {
-  m.def("ema_validate(Tensor[] teacher, Tensor[] student) -> ()", &ema_validate);
+  m.def("ema_check(Tensor[] teacher, Tensor[] student) -> int[]", &ema_check);
   m.def("ema_cpu_(Tensor(a!)[] teacher, Tensor[] student, float momentum) -> ()");
   m.def(
       "ema_cuda_launch(Tensor meta, int n_tensors, int n_chunks, int chunk_size, float momentum, int teacher_dtype, "

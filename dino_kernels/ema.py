@@ -147,8 +147,37 @@ def _ema_triton(teacher: list[torch.Tensor], student: list[torch.Tensor], moment
                                      CHUNK=TRITON_CHUNK, BLOCK=TRITON_BLOCK, num_warps=TRITON_NUM_WARPS)
 
 
+# Problems ema_check (csrc/ema.cpp) reports.
+_LENGTH, _TEACHER_DTYPE, _STUDENT_DTYPE, _SHAPE, _DEVICE, _STRIDES, _OVERLAP = range(1, 8)
+
+
+def _validate(teacher: list[torch.Tensor], student: list[torch.Tensor]) -> None:
+    """Shapes, dtypes, devices, strides and overlaps of every pair, checked in C++ in one call for the whole list
+    (csrc/ema.cpp), which says what is wrong as (problem, i, j); the message is worded here."""
+    found = ops().ema_check(teacher, student)
+    if not found:
+        return
+    problem, i, j = found
+    if problem == _LENGTH:
+        raise ValueError(f"teacher and student must have the same length; got {len(teacher)} and {len(student)}")
+    t, s = teacher[i], student[i]
+    floating = "must be floating point (float32, float16, bfloat16 or float64)"
+    if problem in (_TEACHER_DTYPE, _STUDENT_DTYPE):
+        name, dtype = ("teacher", t.dtype) if problem == _TEACHER_DTYPE else ("student", s.dtype)
+        raise TypeError(f"{name}[{i}] {floating}; got {dtype}")
+    raise ValueError({
+        _SHAPE: f"teacher[{i}] has shape {list(t.shape)} but student[{i}] has {list(s.shape)}",
+        _DEVICE: f"all tensors must be on one device: teacher[0] is on {teacher[0].device}, teacher[{i}] on "
+                 f"{t.device}, student[{i}] on {s.device}",
+        _STRIDES: f"teacher[{i}] and student[{i}] must be dense with equal strides (e.g. both contiguous); got "
+                  f"strides {t.stride()} and {s.stride()}",
+        _OVERLAP: f"teacher[{i}] and teacher[{j}] overlap in memory (views of one storage, or one tensor passed "
+                  "twice): updating both in place would race; pass each teacher tensor once",
+    }[problem])
+
+
 def _run(teacher: list[torch.Tensor], student: list[torch.Tensor], momentum: float) -> None:
-    ops().ema_validate(teacher, student)
+    _validate(teacher, student)
     if not teacher:
         return
     impl = resolve(teacher[0].device, "ema_")
