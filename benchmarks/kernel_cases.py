@@ -9,6 +9,8 @@ normal time, and to prove its own plumbing on CPU:
 
 Shapes are odd on purpose (tails in every tile). Exits 1 when a result differs from the reference beyond the
 dtype's tolerance, so a kernel that reads or writes the wrong place fails here even where the sanitizer is missing.
+Then every C++ op gets one bad input: each must raise a Python error, never crash (on the GPU machines' build an
+error path of the C++ EMA check once segfaulted; this proves the C++ error paths there).
 """
 
 from __future__ import annotations
@@ -86,6 +88,22 @@ def _case_ema(device: str, dtype: torch.dtype) -> list[tuple[str, float]]:
     return [(f"tensor {i}", _rel_error(t, e)) for i, (t, e) in enumerate(zip(teacher, expected))]
 
 
+def _bad_inputs(device: str) -> list[tuple[str, Callable[[], object]]]:
+    """One call per C++ entry point that its own checks must reject (past the Python checks where there are any)."""
+    from dino_kernels._extension import ops
+
+    buffer, x = torch.randn(30, device=device), torch.randn(4, 8)
+    cu = torch.tensor([0, 1, 4], dtype=torch.int32)
+    return [
+        ("ema_ shapes", lambda: dino_kernels.ema_([torch.randn(3, device=device)], [torch.randn(4, device=device)],
+                                                  0.5)),
+        ("ema_ overlap", lambda: dino_kernels.ema_([buffer[0:10], buffer[5:15]], [buffer[:10].clone()] * 2, 0.5)),
+        ("attention C++ cu_seqlens", lambda: ops().packed_attention_fwd_cpu(
+            x.view(4, 2, 4), x.view(4, 2, 4), x.view(4, 2, 4), cu.flip(0), 0.5)),
+        ("dino_loss C++ rescale", lambda: ops().dino_loss_rescale_cpu_(x, torch.ones(3), 1.0)),
+    ]
+
+
 CASES: dict[str, Callable[[str, torch.dtype], list[tuple[str, float]]]] = {
     "dino_loss": _case_dino_loss,
     "packed_attention": _case_packed_attention,
@@ -118,6 +136,13 @@ def main(argv: list[str] | None = None) -> int:
                 worst = max(err for _, err in results)
                 status = "FAIL " + ", ".join(f"{w}: {e:.2e}" for w, e in bad) if bad else "ok"
                 print(f"{backend:7s} {dtype_name:9s} {name:17s} max rel error {worst:.2e}  {status}", flush=True)
+    for name, call in _bad_inputs(args.device):
+        try:
+            call()
+            failures += 1
+            print(f"bad input {name:25s} FAIL: no error raised", flush=True)
+        except (ValueError, TypeError, IndexError, RuntimeError) as error:
+            print(f"bad input {name:25s} ok: {type(error).__name__}", flush=True)
     print(f"kernel cases: {failures} failed")
     return 1 if failures else 0
 
