@@ -16,22 +16,28 @@
 #   <gpu>-<date>.json/.md  the benchmark records and table (copy both to benchmarks/results/; the README quotes them)
 #   smoke.json           both training runs' per-step losses and step times
 #
-# Phases, in the order they run, with their wall-time estimate on an H100 and their timeout. Estimates come from
-# the dry run's counts and compile times measured on CPU: ~1-2 s per Triton compile (ptxas), ~25 s per torch.compile.
-#   1 env        versions, GPU, clocks, nvcc, libcudart_static                              5 s   (30 s)
-#   2 build      pip install --no-build-isolation -e . for sm_90 (in place if pip fails;   60 s  (240 s)
-#                if the CUDA C++ part cannot build, a clear line and a CPU+Triton build)
-#   3 parity     pytest -m cuda -n 8: 221 tests, every op x fp32/fp16/bf16 on CUDA        100 s  (200 s)
-#                tensors against the float64 reference, odd shapes, strided q/k/v,
-#                autocast, EMA CUDA C++ + Triton; ~150 Triton compiles over 8 workers
-#   4 bench      pytest benchmarks/ -m session: 36 cases answering the README's targets   180 s  (270 s)
-#                (2 loss + 4 FlexAttention compiles ~2 min, 2 train steps ~20 s)
-#   5 smoke      100 ViT-S/16 steps fused, then --kernels reference, same seed              60 s  (150 s)
-#   6 sanitize   compute-sanitizer memcheck, then racecheck, over kernel_cases.py (one    2 x 30 s (2 x 90 s)
-#                small bf16 case of every kernel, both GPU backends); last: the least
+# Phases, in the order they run: the estimate made before the first GPU run (from the dry run's counts and compile
+# times measured on CPU: ~1-2 s per Triton compile, ~25 s per torch.compile), what the first run took on an H200
+# (2026-11-27, benchmarks/results/h200-2026-11-27-session.md), and the phase's timeout.
+#                                                                            estimate  H200   timeout
+#   1 env        versions, GPU, clocks, nvcc, libcudart_static                   5 s    14 s    30 s
+#   2 build      pip install --no-build-isolation -e . for sm_90 (in place if    60 s    49 s   240 s
+#                pip fails; if the CUDA C++ part cannot build, a clear line
+#                and a CPU+Triton build: the Triton ops still run)
+#   3 parity     pytest -m cuda -n 8: ~220 tests, every op x fp32/fp16/bf16     100 s    95 s   200 s
+#                on CUDA tensors against the float64 reference, odd shapes,
+#                strided q/k/v, autocast, EMA CUDA C++ + Triton
+#   4 bench      pytest benchmarks/ -m session: 36 cases answering the          180 s   101 s   270 s
+#                README's targets (2 loss + 4 FlexAttention compiles, 2 train
+#                steps)
+#   5 smoke      100 ViT-S/16 steps fused, then --kernels reference, same seed   60 s    54 s   150 s
+#   6 sanitize   compute-sanitizer memcheck, then racecheck, over               2 x 30 s  34 s  2 x 90 s
+#                kernel_cases.py (one small bf16 case of every kernel, both
+#                GPU backends, and one bad input per C++ op); last: the least
 #                predictable under instrumentation
-# Sum of estimates: 7 min 45 s. A deadline (GPU_SESSION_BUDGET_S, default 570 s) caps every phase so that the
-# summary is written before the device tool's 600 s limit. The dry run takes about 2 minutes on our 2-core machine.
+#   sum                                                                      7 min 45 s  5 min 47 s
+# A deadline (GPU_SESSION_BUDGET_S, default 570 s) caps every phase so that the summary is written before the device
+# tool's 600 s limit. The dry run takes about 2 minutes on our 2-core machine.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 cd "$(dirname "$0")/.."
