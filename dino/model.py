@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
 import dino_kernels
+from dino_kernels.stochastic_depth import kept_count
 
 # DINO interpolates the position grid with scale (n + 0.1) / n0 rather than n / n0, so that floor() of the output
 # size is exactly n even with float rounding (facebookresearch/dino#8).
@@ -121,9 +122,8 @@ class Block(nn.Module):
 
     def forward(self, xs: list[torch.Tensor], generator: torch.Generator | None = None) -> list[torch.Tensor]:
         rate = self.drop_path if self.training else 0.0
-        # The crop groups of the packed tensor the branches see, known on the host: drop_add_residual keeps
-        # max(int(B * (1 - rate)), 1) samples of each group (its documented rule; all of them at rate 0).
-        groups = [(max(int(x.shape[0] * (1.0 - rate)), 1), x.shape[1]) for x in xs]
+        # The crop groups of the packed tensor the branches see, known on the host (all samples at rate 0).
+        groups = [(kept_count(x.shape[0], rate), x.shape[1]) for x in xs]
         attn_branch = functools.partial(self._attn_branch, groups=groups)
         xs = dino_kernels.drop_add_residual(xs, attn_branch, rate, training=self.training, generator=generator,
                                             scaling=self.gamma1)

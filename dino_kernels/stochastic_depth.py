@@ -645,13 +645,19 @@ def _check_drop_rate(drop_rate: object) -> float:
     return float(drop_rate)
 
 
+def kept_count(batch: int, drop_rate: float) -> int:
+    """How many of ``batch`` samples :func:`drop_add_residual` keeps at ``drop_rate`` in training (DINOv2's rule):
+    ``max(int(batch * (1 - drop_rate)), 1)``. Known on the host, e.g. for a branch that needs its crop groups."""
+    return max(int(batch * (1.0 - drop_rate)), 1)
+
+
 def _kept_samples(batch: int, drop_rate: float, generator: torch.Generator | None,
-                 device: torch.device) -> tuple[torch.Tensor | None, int]:
-    """DINOv2's subset: ``keep = max(int(B * (1 - drop_rate)), 1)`` rows of ``randperm(B)``.
+                  device: torch.device) -> tuple[torch.Tensor | None, int]:
+    """DINOv2's subset: :func:`kept_count` rows of ``randperm(B)``.
 
     Returns (None, B) without drawing random numbers when every sample is kept.
     """
-    keep = max(int(batch * (1.0 - drop_rate)), 1)
+    keep = kept_count(batch, drop_rate)
     if keep >= batch:
         return None, batch
     rng_device = generator.device if generator is not None else device
