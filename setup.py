@@ -136,8 +136,8 @@ os.environ.setdefault("MAX_JOBS", str(_max_jobs()))
 extension = CppExtension(
     name="dino_kernels._C",
     sources=sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.cpp")),
-    # No -std flag: torch.utils.cpp_extension passes the standard the installed torch's headers need (C++17 up to
-    # torch 2.12, C++20 from 2.13 on); forcing one would break the build on the other side of that line.
+    # No -std flag: torch.utils.cpp_extension passes the standard the installed torch's headers need (C++17 for
+    # torch 2.11, C++20 for 2.13 and later); forcing one would break the build on the other side of that line.
     extra_compile_args={"cxx": ["-O3", "-fopenmp"]},
     extra_link_args=["-fopenmp"],
 )
