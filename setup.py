@@ -111,7 +111,7 @@ class BuildWithNvcc(BuildExtension):
         out_dir.mkdir(parents=True, exist_ok=True)
         gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
         gencode.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")  # PTX for newer GPUs
-        flags = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr", *gencode]
+        flags = ["-O3", "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr", *gencode]  # nvcc 12+: C++17 by default
 
         def compile_one(src: Path) -> Path:
             obj = out_dir / (src.stem + ".o")

@@ -1,6 +1,6 @@
 """DINO v1 multi-crop augmentation, batched on the training device with kornia.
 
-Per image: 2 global crops and L local crops (``../shared/spec/dino.md`` §4):
+Per image: 2 global crops and L local crops (DINO's ``DataAugmentationDINO``):
 
 | view     | crop                            | then                                                                  |
 |----------|---------------------------------|-----------------------------------------------------------------------|

@@ -1,6 +1,6 @@
 """Training configuration: one dataclass, presets, and a command line generated from the fields.
 
-The dataclass defaults are the official DINO v1 ViT-S/16 recipe (``../shared/spec/dino.md``); a preset overrides some
+The dataclass defaults are the official DINO v1 ViT-S/16 recipe (``main_dino.py``'s); a preset overrides some
 of them and the command line overrides the preset. ``cpu-tiny`` carries the small-data settings the digits dataset
 needs on a 2-core CPU (few prototypes, faster EMA, sharper teacher); ``vit-s16`` is the official recipe.
 """

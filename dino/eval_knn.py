@@ -1,4 +1,4 @@
-"""Weighted k-NN classification on frozen features (DINO's ``eval_knn.py``, ``../shared/spec/dino.md`` §8).
+"""Weighted k-NN classification on frozen features (DINO's ``eval_knn.py``).
 
 Features are the teacher backbone's final-norm CLS token, L2-normalised; similarity is cosine; each of the top-k
 training neighbours votes for its class with weight exp(sim / T); the class with the largest sum wins.

@@ -1,6 +1,6 @@
 """Vision Transformer with a packed multi-crop forward, and the DINO projection head.
 
-ViT (``../shared/spec/dino.md`` §7): conv patch embedding, CLS token, learned position embedding interpolated
+ViT (DINO's ``vision_transformer.py``): conv patch embedding, CLS token, learned position embedding interpolated
 bicubically to any crop size (DINO's +0.1 offset), optional register tokens (after the position add, no position) and
 LayerScale, pre-norm blocks (LayerNorm eps 1e-6, qkv bias, GELU MLP), stochastic depth linear 0 -> rate.
 

@@ -1,4 +1,4 @@
-"""DINO v1 schedules (``../shared/spec/dino.md`` §1, §5, §6), indexed by global iteration or epoch.
+"""DINO v1 schedules, indexed by global iteration or epoch (as DINO's ``utils.cosine_scheduler`` makes them).
 
 - lr: linear warmup from 0 to ``base_lr · total_batch / 256`` over ``warmup_epochs``, then cosine to ``min_lr``.
 - weight decay: cosine ``weight_decay -> weight_decay_end``.

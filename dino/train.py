@@ -148,7 +148,7 @@ def compute_loss(loss_fn: dino_kernels.DINOLoss, student_logits: torch.Tensor, t
 
 
 def koleo_loss(features: torch.Tensor, n_chunks: int = 2) -> torch.Tensor:
-    """DINOv2's KoLeo regulariser (``../shared/spec/dino.md`` §2), summed over the global-crop chunks.
+    """DINOv2's KoLeo regulariser (DINOv2's ``KoLeoLoss``), summed over the global-crop chunks.
 
     Per chunk of B rows (one global view), in fp32 with autocast off: z = x / max(‖x‖, 1e-8), each row's nearest
     neighbour by cosine (diagonal excluded), d = ‖z − z_nn + 1e-8‖, L = −mean log(d + 1e-8). Pushes the features of a
