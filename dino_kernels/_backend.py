@@ -22,6 +22,8 @@ from typing import Literal
 import torch
 
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+# The dtypes every Triton kernel takes; float64 runs on the C++ CPU kernels or the reference.
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 Impl = Literal["reference", "cpu", "cuda", "triton"]
 ENV_VAR = "DINO_KERNELS_BACKEND"
 
@@ -82,10 +84,16 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve(device: torch.device, op: str) -> Impl:
-    """The implementation ``op`` runs for tensors on ``device`` under the current backend.
+def accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype every op accumulates in: float64 when any input is float64, else float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
-    Raises ``ValueError`` when the requested backend cannot serve that device.
+
+def resolve(device: torch.device, op: str, dtype: torch.dtype | None = None) -> Impl:
+    """The implementation ``op`` runs for tensors on ``device`` (of ``dtype``) under the current backend.
+
+    Raises ``ValueError`` when the requested backend cannot serve that device, ``TypeError`` when the ``triton``
+    backend is asked for a dtype outside :data:`TRITON_DTYPES`.
     """
     name = get_backend()
     is_cuda = device.type == "cuda"
@@ -102,4 +110,7 @@ def resolve(device: torch.device, op: str) -> Impl:
             f"{op}: backend 'triton' on {device} tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
             "before importing triton, or use CUDA tensors"
         )
+    if name == "triton" and dtype is not None and dtype not in TRITON_DTYPES:
+        raise TypeError(f"{op}: the triton backend takes float32, float16 or bfloat16 tensors; got {dtype}. Use "
+                        "the 'auto', 'cpu' or 'reference' backend for float64")
     return name  # type: ignore[return-value]

@@ -34,9 +34,9 @@ def check_ndim(name: str, tensor: torch.Tensor, ndim: int, layout: str) -> None:
         raise ValueError(f"{name} must be {ndim}-d {layout}; got shape {tuple(tensor.shape)}")
 
 
-def check_not_empty(name: str, tensor: torch.Tensor) -> None:
-    if tensor.numel() == 0:
-        raise ValueError(f"{name} must not be empty; got shape {tuple(tensor.shape)}")
+def check_tensor_list(name: str, tensors: list) -> None:
+    for i, x in enumerate(tensors):
+        check_tensor(f"{name}[{i}]", x)
 
 
 def check_positive(name: str, value: float) -> None:

@@ -11,7 +11,7 @@ Implementations: CUDA C++ (``csrc/ema.cu``: chunk table + grid-stride, 16-byte a
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import functools
 from collections.abc import Iterable
 
 import torch
@@ -19,25 +19,22 @@ import triton
 import triton.language as tl
 
 from dino_kernels import reference
-from dino_kernels._aot import AOTKernel
-from dino_kernels._backend import device_guard, resolve
+from dino_kernels._backend import TRITON_DTYPES, resolve
 from dino_kernels._extension import ops
-from dino_kernels._validation import check_unit_interval
+from dino_kernels._launch import TritonKernel
+from dino_kernels._op import KernelOp, tracing
+from dino_kernels._validation import check_tensor_list, check_unit_interval
 
 # Elements per chunk of the work tables. A multiple of 8 so that every chunk of a 16-byte-aligned tensor starts
 # 16-byte aligned (the CUDA kernel's vector path needs it).
 CUDA_CHUNK = 1 << 16
 CUDA_BLOCKS_PER_SM = 8
 TRITON_CHUNK = 1 << 14
-TRITON_BLOCK = 1024
-TRITON_NUM_WARPS = 4
-TRITON_TEACHER_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 _DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
-_TABLE_CACHE: OrderedDict[tuple, tuple[torch.Tensor, int, int]] = OrderedDict()
-_TABLE_CACHE_SIZE = 16
 
 
+# ---------------------------------------------------------------------------------------------- Triton kernels
 @triton.jit
 def _ema_kernel(
     teacher_base,  # lowest-addressed teacher tensor of the group: every chunk is addressed relative to it
@@ -64,22 +61,10 @@ def _ema_kernel(
         tl.store(teacher_base + teacher_offset + idx, updated.to(teacher_base.dtype.element_ty), mask=mask)
 
 
-def _aot_signature(teacher: str, student: str) -> dict[str, str]:
-    return {"teacher_base": f"*{teacher}", "student_base": f"*{student}", "chunks": "*i64", "momentum": "fp32",
-            "one_minus_momentum": "fp32", "CHUNK": "constexpr", "BLOCK": "constexpr"}
+EMA = TritonKernel(_ema_kernel, {"CHUNK": TRITON_CHUNK, "BLOCK": 1024, "num_warps": 4})
 
 
-AOT_KERNELS = [
-    AOTKernel(
-        _ema_kernel,
-        signatures=tuple(_aot_signature(t, s) for t, s in
-                         [("fp32", "fp32"), ("fp32", "bf16"), ("fp32", "fp16"), ("bf16", "bf16"), ("fp16", "fp16")]),
-        configs=({"CHUNK": TRITON_CHUNK, "BLOCK": TRITON_BLOCK, "num_warps": TRITON_NUM_WARPS},),
-    )
-]
-
-
-# ------------------------------------------------------------------------------------------------ launchers
+# ------------------------------------------------------------------------------------------------- launchers
 def _groups(teacher: list[torch.Tensor], student: list[torch.Tensor]) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
     """Non-empty pairs grouped by (teacher dtype, student dtype): one launch per group."""
     groups: dict[tuple[torch.dtype, torch.dtype], list] = {}
@@ -89,16 +74,20 @@ def _groups(teacher: list[torch.Tensor], student: list[torch.Tensor]) -> list[li
     return list(groups.values())
 
 
-def _cached_table(key: tuple, build) -> tuple[torch.Tensor, int, int]:
-    """Work tables depend only on addresses and sizes, which stay fixed across training steps: build once."""
-    if key in _TABLE_CACHE:
-        _TABLE_CACHE.move_to_end(key)
-        return _TABLE_CACHE[key]
-    entry = build()
-    _TABLE_CACHE[key] = entry
-    if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
-        _TABLE_CACHE.popitem(last=False)
-    return entry
+# Work tables depend only on addresses and sizes, which stay fixed across training steps: each is built once.
+@functools.lru_cache(maxsize=16)
+def _cuda_table(device: torch.device, pairs: tuple[tuple[int, int, int], ...]) -> tuple[torch.Tensor, int, int]:
+    """int64 table of (teacher address, student address, numel) rows then (tensor, first element) chunk rows."""
+    chunks = [[r, b] for r, (_, _, n) in enumerate(pairs) for b in range(0, n, CUDA_CHUNK)]
+    flat = [v for row in [*pairs, *chunks] for v in row]
+    return torch.tensor(flat, dtype=torch.int64).to(device), len(pairs), len(chunks)
+
+
+@functools.lru_cache(maxsize=16)
+def _triton_table(device: torch.device, pairs: tuple[tuple[int, int, int], ...]) -> torch.Tensor:
+    """int64 (n_chunks, 3) rows of (teacher element offset, student element offset, length)."""
+    rows = [[t + b, s + b, min(TRITON_CHUNK, n - b)] for t, s, n in pairs for b in range(0, n, TRITON_CHUNK)]
+    return torch.tensor(rows, dtype=torch.int64).to(device)
 
 
 def _ema_cuda(teacher: list[torch.Tensor], student: list[torch.Tensor], momentum: float) -> None:
@@ -107,15 +96,8 @@ def _ema_cuda(teacher: list[torch.Tensor], student: list[torch.Tensor], momentum
     grid = torch.cuda.get_device_properties(device).multi_processor_count * CUDA_BLOCKS_PER_SM
     for group in _groups(teacher, student):
         # Addresses and element counts only: the table is the same for any dtypes (they are launch arguments).
-        key = ("cuda", device, *((t.data_ptr(), s.data_ptr(), t.numel()) for t, s in group))
-
-        def build(group=group):
-            rows = [[t.data_ptr(), s.data_ptr(), t.numel()] for t, s in group]
-            chunks = [[r, b] for r, (_, _, n) in enumerate(rows) for b in range(0, n, CUDA_CHUNK)]
-            flat = [v for row in rows + chunks for v in row]
-            return torch.tensor(flat, dtype=torch.int64).to(device), len(rows), len(chunks)
-
-        table, n_tensors, n_chunks = _cached_table(key, build)
+        table, n_tensors, n_chunks = _cuda_table(device, tuple((t.data_ptr(), s.data_ptr(), t.numel())
+                                                                for t, s in group))
         t0, s0 = group[0]
         ops().ema_cuda_launch(table, n_tensors, n_chunks, CUDA_CHUNK, momentum, _DTYPE_CODE[t0.dtype],
                               _DTYPE_CODE[s0.dtype], grid, stream)
@@ -123,35 +105,55 @@ def _ema_cuda(teacher: list[torch.Tensor], student: list[torch.Tensor], momentum
 
 def _ema_triton(teacher: list[torch.Tensor], student: list[torch.Tensor], momentum: float) -> None:
     for group in _groups(teacher, student):
-        if group[0][0].dtype not in TRITON_TEACHER_DTYPES:
-            raise TypeError("ema_: the triton backend updates float32/float16/bfloat16 teachers; got "
-                            f"{group[0][0].dtype}. Use the 'cpu' or 'cuda' backend for float64")
         teacher_base = min((t for t, _ in group), key=lambda t: t.data_ptr())
         student_base = min((s for _, s in group), key=lambda s: s.data_ptr())
-        # The table holds element offsets, so it depends on the element sizes as well as on the addresses.
-        key = ("triton", teacher_base.device, teacher_base.dtype, student_base.dtype,
-               *((t.data_ptr(), s.data_ptr(), t.numel()) for t, s in group))
-
-        def build(group=group, tb=teacher_base, sb=student_base):
-            rows = []
-            for t, s in group:
-                t_off = (t.data_ptr() - tb.data_ptr()) // t.element_size()
-                s_off = (s.data_ptr() - sb.data_ptr()) // s.element_size()
-                for b in range(0, t.numel(), TRITON_CHUNK):
-                    rows.append([t_off + b, s_off + b, min(TRITON_CHUNK, t.numel() - b)])
-            return torch.tensor(rows, dtype=torch.int64).to(tb.device), len(group), len(rows)
-
-        table, _, n_chunks = _cached_table(key, build)
-        with device_guard(teacher_base.device):
-            _ema_kernel[(n_chunks,)](teacher_base, student_base, table, momentum, 1.0 - momentum,
-                                     CHUNK=TRITON_CHUNK, BLOCK=TRITON_BLOCK, num_warps=TRITON_NUM_WARPS)
+        # Element offsets from the group's lowest address (see the kernel).
+        table = _triton_table(teacher_base.device, tuple(
+            ((t.data_ptr() - teacher_base.data_ptr()) // t.element_size(),
+             (s.data_ptr() - student_base.data_ptr()) // s.element_size(), t.numel()) for t, s in group))
+        config = EMA.configs[0]
+        EMA.launch((table.shape[0],), config, teacher_base=teacher_base, student_base=student_base, chunks=table,
+                   momentum=momentum, one_minus_momentum=1.0 - momentum)
 
 
+def aot_examples() -> None:
+    """One launch per (teacher dtype, student dtype) pair the trainer and DINOv2-style code use."""
+    for t, s in [(torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torch.float32, torch.float16),
+                 (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16)]:
+        _ema_triton([torch.empty(8, dtype=t)], [torch.empty(8, dtype=s)], 0.9)
+
+
+# ------------------------------------------------------------------------------------------------ dispatch
+def _ema_forward(teacher: list[torch.Tensor], student: list[torch.Tensor], momentum: float) -> None:
+    if not teacher:
+        return
+    # The Triton kernel takes fp32/fp16/bf16 teachers: an fp64 one (if any) is the dtype the backend must serve.
+    dtype = next((t.dtype for t in teacher if t.dtype not in TRITON_DTYPES), teacher[0].dtype)
+    impl = resolve(teacher[0].device, "ema_", dtype)
+    if impl == "reference":
+        reference.ema_(teacher, student, momentum)
+    elif impl == "cpu":
+        ops().ema_cpu_(teacher, student, momentum)
+    elif impl == "cuda":
+        _ema_cuda(teacher, student, momentum)
+    else:
+        _ema_triton(teacher, student, momentum)
+
+
+# ----------------------------------------------------------------------------------------------- registered op
+def _ema_fake(teacher: list[torch.Tensor], student: list[torch.Tensor], momentum: float) -> None:
+    return None
+
+
+_ema_op = KernelOp("ema_", _ema_forward, fake=_ema_fake, mutates_args=("teacher",))
+
+
+# ------------------------------------------------------------------------------------------------- public API
 # Problems ema_check (csrc/ema.cpp) reports.
 _LENGTH, _TEACHER_DTYPE, _STUDENT_DTYPE, _SHAPE, _DEVICE, _STRIDES, _OVERLAP = range(1, 8)
 
 
-def _validate(teacher: list[torch.Tensor], student: list[torch.Tensor]) -> None:
+def _check_pairs(teacher: list[torch.Tensor], student: list[torch.Tensor]) -> None:
     """Shapes, dtypes, devices, strides and overlaps of every pair, checked in C++ in one call for the whole list
     (csrc/ema.cpp), which says what is wrong as (problem, i, j); the message is worded here."""
     found = ops().ema_check(teacher, student)
@@ -176,44 +178,6 @@ def _validate(teacher: list[torch.Tensor], student: list[torch.Tensor]) -> None:
     }[problem])
 
 
-def _run(teacher: list[torch.Tensor], student: list[torch.Tensor], momentum: float) -> None:
-    _validate(teacher, student)
-    if not teacher:
-        return
-    impl = resolve(teacher[0].device, "ema_")
-    if impl == "reference":
-        reference.ema_(teacher, student, momentum)
-    elif impl == "cpu":
-        ops().ema_cpu_(teacher, student, momentum)
-    elif impl == "cuda":
-        _ema_cuda(teacher, student, momentum)
-    else:
-        _ema_triton(teacher, student, momentum)
-
-
-# ---------------------------------------------------------------------------------------- registered op
-@torch.library.custom_op("dino_kernels::ema_", mutates_args=("teacher",), device_types="cpu")
-def _ema_op(teacher: list[torch.Tensor], student: list[torch.Tensor], momentum: float) -> None:
-    _run(teacher, student, momentum)
-
-
-@_ema_op.register_kernel("cuda")
-def _ema_op_cuda(teacher: list[torch.Tensor], student: list[torch.Tensor], momentum: float) -> None:
-    _run(teacher, student, momentum)
-
-
-@_ema_op.register_fake
-def _ema_op_fake(teacher: list[torch.Tensor], student: list[torch.Tensor], momentum: float) -> None:
-    return None
-
-
-# ------------------------------------------------------------------------------------------- public API
-def _check_tensors(name: str, tensors: list) -> None:
-    if not all(isinstance(x, torch.Tensor) for x in tensors):
-        i, x = next((i, x) for i, x in enumerate(tensors) if not isinstance(x, torch.Tensor))
-        raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(x).__name__}")
-
-
 def ema_(teacher: Iterable[torch.Tensor], student: Iterable[torch.Tensor], momentum: float) -> None:
     """Teacher EMA in place: ``t <- momentum * t + (1 - momentum) * s`` for every pair of the two lists.
 
@@ -226,14 +190,11 @@ def ema_(teacher: Iterable[torch.Tensor], student: Iterable[torch.Tensor], momen
     """
     teacher, student = list(teacher), list(student)
     check_unit_interval("momentum", momentum)
-    _check_tensors("teacher", teacher)
-    _check_tensors("student", student)
+    check_tensor_list("teacher", teacher)
+    check_tensor_list("student", student)
     if not teacher and not student:
         return
+    if not tracing(*teacher, *student):  # addresses and strides are known only at run time
+        _check_pairs(teacher, student)
     with torch.no_grad():
-        if torch.compiler.is_compiling():
-            _ema_op(teacher, student, float(momentum))
-        else:
-            # Eager calls skip the custom-op wrapper: with hundreds of tensors its per-call cost (~1 µs a tensor)
-            # would rival the update itself on a GPU.
-            _run(teacher, student, float(momentum))
+        _ema_op(teacher, student, float(momentum))

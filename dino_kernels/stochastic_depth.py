@@ -49,7 +49,7 @@ from dino_kernels import reference
 from dino_kernels._aot import AOTKernel
 from dino_kernels._backend import DEBUG_ENV_VAR, debug_enabled, device_guard, resolve
 from dino_kernels._validation import check_floating, check_same_device, check_tensor
-from dino_kernels.packed_attention import cu_seqlens_for
+from dino_kernels.packing import cu_seqlens_for
 
 # Program tiles. ROWS: 32 tokens x 128 features (4096 elements, 32 per thread); FLAT: a whole 1024-feature
 # stretch of one token, for rows of at most FLAT_MAX_M tokens (e.g. (B, D) inputs) where a 32-token tile would idle.

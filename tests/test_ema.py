@@ -191,14 +191,9 @@ def test_ema_triton_one_launch_per_dtype_group(monkeypatch):
     from dino_kernels import ema
 
     launches = []
-    kernel = ema._ema_kernel
-
-    class CountingKernel:
-        def __getitem__(self, grid):
-            launches.append(grid)
-            return kernel[grid]
-
-    monkeypatch.setattr(ema, "_ema_kernel", CountingKernel())
+    launch = ema.EMA.launch
+    monkeypatch.setattr(ema.EMA, "launch", lambda grid, config, **args: (launches.append(grid),
+                                                                        launch(grid, config, **args)))
     teacher = [torch.randn(s) for s in [(17,), (3, 300), (1,), (20_000,)]] + [torch.randn(9).half()]
     student = [torch.randn(t.shape) for t in teacher]
     expected = _expected(teacher, student, 0.9)

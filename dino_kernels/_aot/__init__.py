@@ -1,16 +1,18 @@
 """Ahead-of-time compile harness for every Triton kernel, for GPUs we do not have.
 
-Each module that defines Triton kernels declares them in a module-level ``AOT_KERNELS`` list of
-:class:`AOTKernel`: the kernel, the signatures it is launched with (one per dtype variant) and the block configs
-its launcher can pick (the launcher reads the same constants). Pointers and ``stride*`` arguments are compiled as
+Each op module wraps its Triton kernels in :class:`~dino_kernels._launch.TritonKernel` (the kernel and the launch
+configs its launcher may pick) and defines ``aot_examples()``, which calls its launchers on small CPU tensors once
+per dtype variant and config. ``python -m dino_kernels._aot`` records those launches instead of running them,
+derives each signature from the recorded arguments (the launch-time types the JIT would see), and compiles every
+distinct (signature, config) for sm_80 and sm_90 with ``triton.compile`` and a ``GPUTarget`` (no GPU needed),
+reporting shared memory against each architecture's per-block limit. This catches lowering errors and
+shared-memory overflows that the interpreter cannot see. Pointers and ``stride*`` arguments are compiled as
 divisible by 16, the specialisation the JIT applies to aligned tensors at run time: it turns on software
-pipelining, so that variant is the one whose shared memory must fit. ``python -m dino_kernels._aot`` compiles every
-declared (signature, config) for sm_80 and sm_90 with ``triton.compile`` and a ``GPUTarget`` (no GPU needed) and
-reports shared memory against each architecture's per-block limit. This catches lowering errors and
-shared-memory overflows that the interpreter cannot see.
+pipelining, so that variant is the one whose shared memory must fit.
 
-Kernels are named ``*_kernel``; the harness fails on one that a module forgot to declare. It must run without
-``TRITON_INTERPRET`` (the interpreter replaces ``@triton.jit`` functions), so the tests call it in a subprocess.
+The harness fails on a ``*_kernel`` that no ``TritonKernel`` wraps and on a declared config that no example
+launches. It must run without ``TRITON_INTERPRET`` (the interpreter replaces ``@triton.jit`` functions), so the
+tests call it in a subprocess.
 """
 
 from __future__ import annotations
@@ -23,31 +25,20 @@ import os
 import pkgutil
 import sys
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
+
+import torch
+
+from dino_kernels._launch import LAUNCH_OPTIONS, TritonKernel, recording
 
 # Largest dynamic shared memory one block may use, in bytes (CUDA programming guide, compute capabilities).
 SHARED_MEMORY_LIMIT = {80: 166_912, 90: 232_448}
 TARGETS = (80, 90)
-LAUNCH_OPTIONS = ("num_warps", "num_stages")
+_POINTER_TYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
+                 torch.int32: "i32", torch.int64: "i64"}
 
-
-@dataclass(frozen=True)
-class AOTKernel:
-    """A Triton kernel with every signature and block config its launcher may use.
-
-    ``signatures``: each maps every argument name to a Triton type ("*fp32", "i32", "fp32", ...) or
-    "constexpr". ``configs``: each maps every constexpr argument to its value, plus optional ``num_warps`` and
-    ``num_stages``.
-    """
-
-    kernel: Any
-    signatures: tuple[dict[str, str], ...]
-    configs: tuple[dict[str, Any], ...] = field(default_factory=lambda: ({},))
-
-    @property
-    def name(self) -> str:
-        return self.kernel.fn.__name__ if hasattr(self.kernel, "fn") else self.kernel.__name__
+# A compile job: (module, kernel name, signature, constexpr values, launch options, first job of its kernel).
+Job = tuple[str, str, dict[str, str], dict[str, Any], dict[str, Any], bool]
 
 
 def kernel_modules() -> list[str]:
@@ -56,29 +47,74 @@ def kernel_modules() -> list[str]:
     return [f"dino_kernels.{m.name}" for m in pkgutil.iter_modules(dino_kernels.__path__) if not m.name.startswith("_")]
 
 
-def _jobs(only: str | None = None) -> list[tuple[str, int, int, int]]:
-    """(module, kernel index, signature index, config index) for every declared compile."""
-    jobs = []
+def _declared(module: Any) -> dict[str, TritonKernel]:
+    return {k.name: k for k in vars(module).values() if isinstance(k, TritonKernel)}
+
+
+def _arg_type(name: str, value: Any) -> str:
+    """The type the JIT gives a launch argument."""
+    if isinstance(value, torch.Tensor):
+        return "*" + _POINTER_TYPE[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -2**31 <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"argument {name}: no Triton type for {type(value).__name__}")
+
+
+def _job(module_name: str, kernel: TritonKernel, args: dict[str, Any], config: dict[str, Any]) -> Job:
+    signature, constexprs = {}, {}
+    for param in kernel.fn.params:
+        name = param.name
+        value = config[name] if name in config else args[name]
+        if param.is_constexpr:
+            signature[name], constexprs[name] = "constexpr", value
+        else:
+            signature[name] = _arg_type(name, value)
+    options = {n: v for n, v in config.items() if n in LAUNCH_OPTIONS}
+    return module_name, kernel.name, signature, constexprs, options, False
+
+
+def _jobs(only: str | None = None) -> tuple[list[Job], list[str]]:
+    """Every distinct compile the examples launch, and what the declarations leave uncovered."""
+    jobs: dict[str, Job] = {}
+    problems = []
     for module_name in kernel_modules():
         if only and module_name.rsplit(".", 1)[-1] != only:
             continue
         module = importlib.import_module(module_name)
-        for k, spec in enumerate(getattr(module, "AOT_KERNELS", ())):
-            for s, c in itertools.product(range(len(spec.signatures)), range(len(spec.configs))):
-                jobs.append((module_name, k, s, c))
-    return jobs
+        declared = _declared(module)
+        if not declared:
+            continue
+        with recording() as launches:
+            module.aot_examples()
+        used = set()
+        for kernel, args, config in launches:
+            used.add((kernel.name, id(config)))
+            job = _job(module_name, kernel, args, config)
+            key = json.dumps(job[1:5], sort_keys=True, default=str)
+            first = not any(j[1] == kernel.name for j in jobs.values())
+            jobs.setdefault(key, (*job[:5], first))
+        for kernel in declared.values():
+            problems += [f"{module_name}.{kernel.name}: config {c} is declared but aot_examples() never launches it"
+                         for c in kernel.configs if (kernel.name, id(c)) not in used]
+    return list(jobs.values()), problems
 
 
-def undeclared_kernels() -> list[str]:
-    """``*_kernel`` Triton functions that no ``AOT_KERNELS`` list declares."""
+def undeclared_kernels(only: str | None = None) -> list[str]:
+    """``*_kernel`` Triton functions that no ``TritonKernel`` of their module wraps."""
     from triton.runtime.jit import JITFunction
 
     missing = []
     for module_name in kernel_modules():
+        if only and module_name.rsplit(".", 1)[-1] != only:
+            continue
         module = importlib.import_module(module_name)
-        declared = {id(spec.kernel) for spec in getattr(module, "AOT_KERNELS", ())}
+        wrapped = {id(k.fn) for k in _declared(module).values()}
         for name, value in vars(module).items():
-            if isinstance(value, JITFunction) and name.endswith("_kernel") and id(value) not in declared:
+            if isinstance(value, JITFunction) and name.endswith("_kernel") and id(value) not in wrapped:
                 missing.append(f"{module_name}.{name}")
     return missing
 
@@ -89,29 +125,26 @@ def _aligned_attrs(signature: dict[str, str]) -> dict[tuple[int], list[list]]:
             if kind.startswith("*") or (name.startswith("stride") and kind in ("i32", "i64"))}
 
 
-def compile_one(job: tuple[str, int, int, int]) -> list[dict[str, Any]]:
+def compile_one(job: Job) -> list[dict[str, Any]]:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    module_name, k, s, c = job
-    spec = importlib.import_module(module_name).AOT_KERNELS[k]
-    signature, config = spec.signatures[s], spec.configs[c]
-    constexprs = {n: v for n, v in config.items() if n not in LAUNCH_OPTIONS}
-    options = {n: v for n, v in config.items() if n in LAUNCH_OPTIONS}
+    module_name, kernel_name, signature, constexprs, options, first = job
+    kernel = _declared(importlib.import_module(module_name))[kernel_name]
     variants = [(signature, constexprs)]
-    if s == 0 and c == 0:
+    ones = [n for n, kind in signature.items() if kind in ("i32", "i64")]
+    if first and ones:
         # The JIT turns every integer argument equal to 1 into a constant (a Python int inside the kernel, where
         # e.g. `n.to(tl.int64)` fails to compile): compile that specialisation too, once per kernel.
-        ones = [n for n, kind in signature.items() if kind in ("i32", "i64")]
         variants.append(({n: "constexpr" if n in ones else kind for n, kind in signature.items()},
                          {**constexprs, **dict.fromkeys(ones, 1)}))
     results = []
     for (sig, consts), arch in itertools.product(variants, TARGETS):
-        record = {"kernel": f"{module_name}.{spec.name}", "arch": f"sm_{arch}", "signature": sig,
-                  "config": {**config, **{n: v for n, v in consts.items() if n not in constexprs}}}
+        record = {"kernel": f"{module_name}.{kernel_name}", "arch": f"sm_{arch}", "signature": sig,
+                  "config": {**consts, **options}}
         try:
-            source = ASTSource(fn=spec.kernel, signature=sig, constexprs=consts, attrs=_aligned_attrs(sig))
+            source = ASTSource(fn=kernel.fn, signature=sig, constexprs=consts, attrs=_aligned_attrs(sig))
             compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
             shared = int(compiled.metadata.shared)
             record.update(ok=shared <= SHARED_MEMORY_LIMIT[arch], shared=shared,
@@ -123,10 +156,9 @@ def compile_one(job: tuple[str, int, int, int]) -> list[dict[str, Any]]:
     return results
 
 
-def compile_all(jobs: int | None = None, only: str | None = None) -> list[dict[str, Any]]:
-    work = _jobs(only)
-    with ProcessPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
-        return [r for batch in pool.map(compile_one, work) for r in batch]
+def compile_all(jobs: list[Job], processes: int | None = None) -> list[dict[str, Any]]:
+    with ProcessPoolExecutor(max_workers=processes or os.cpu_count() or 1) as pool:
+        return [r for batch in pool.map(compile_one, jobs) for r in batch]
 
 
 def main() -> int:
@@ -138,8 +170,9 @@ def main() -> int:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("unset TRITON_INTERPRET: ahead-of-time compilation needs real @triton.jit functions", file=sys.stderr)
         return 2
-    results = compile_all(args.jobs, args.module)
-    missing = undeclared_kernels()
+    jobs, uncovered = _jobs(args.module)
+    results = compile_all(jobs, args.jobs)
+    missing = undeclared_kernels(args.module) + uncovered
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"results": results, "undeclared": missing}, f, indent=1)
@@ -147,7 +180,18 @@ def main() -> int:
     for r in failures:
         print(f"FAIL {r['kernel']} {r['arch']} {r['config']} {r['signature']}: {r['error']}")
     for name in missing:
-        print(f"FAIL {name}: Triton kernel not declared in its module's AOT_KERNELS")
+        print(f"FAIL {name}" + ("" if ":" in name else ": Triton kernel not wrapped in a TritonKernel"))
     print(f"{len(results) - len(failures)} compiled, {len(failures)} failed, {len(missing)} undeclared")
     return 1 if failures or missing else 0
 
+
+
+# TEMPORARY (removed once every module uses TritonKernel)
+from dataclasses import dataclass, field  # noqa: E402
+
+
+@dataclass(frozen=True)
+class AOTKernel:
+    kernel: Any
+    signatures: tuple = ()
+    configs: tuple = field(default_factory=lambda: ({},))

@@ -1,0 +1,102 @@
+"""The glue every op shares: one registered op with its fake and its autograd formula, and a cheap eager path.
+
+:class:`KernelOp` registers ``impl`` (the op's dispatch function: it picks the implementation once and calls a
+launcher) as the custom op ``dino_kernels::<name>`` for every device, with ``fake`` for tracing and, when given,
+``setup_context``/``backward`` as its autograd formula. Calling the ``KernelOp``:
+
+- while a graph is traced (``torch.compile``, ``torch.export``, AOTAutograd) calls the registered op, which the
+  tracer sees as one opaque node with a fake;
+- eagerly runs the same ``impl``, ``setup_context`` and ``backward`` through one generic ``autograd.Function``,
+  skipping the custom-op wrapper. That wrapper costs about 10 µs of host time per call more than an
+  ``autograd.Function`` (``benchmarks/bench_dispatch.py``), which at DINO's shapes is as long as a kernel.
+
+``setup_context(ctx, inputs, output)`` and ``backward(ctx, *grads)`` see the same ``ctx`` on both paths:
+``ctx.needs_input_grad`` has one entry per op argument, a list of bools for a ``list[Tensor]`` argument.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch._subclasses.fake_tensor import is_fake
+from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+
+def tracing(*tensors: torch.Tensor) -> bool:
+    """Whether these tensors are being traced (torch.compile, torch.export, AOTAutograd) rather than computed."""
+    return torch.compiler.is_compiling() or get_proxy_mode() is not None or any(is_fake(t) for t in tensors)
+
+
+def _tensors(args: Sequence[Any]) -> list[torch.Tensor]:
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            out.append(a)
+        elif isinstance(a, list):
+            out.extend(t for t in a if isinstance(t, torch.Tensor))
+    return out
+
+
+class KernelOp:
+    """``dino_kernels::<name>``: ``impl`` registered for all devices, its fake and its autograd formula."""
+
+    def __init__(self, name: str, impl: Callable, *, fake: Callable, mutates_args: tuple[str, ...] = (),
+                 setup_context: Callable | None = None, backward: Callable | None = None) -> None:
+        self.impl, self.setup_context, self.backward = impl, setup_context, backward
+        self.op = torch.library.custom_op(f"dino_kernels::{name}", impl, mutates_args=mutates_args)
+        self.op.register_fake(fake)
+        if backward is not None:
+            self.op.register_autograd(backward, setup_context=setup_context)
+
+    def __call__(self, *args: Any) -> Any:
+        tensors = _tensors(args)
+        if tracing(*tensors):
+            return self.op(*args)
+        if self.backward is not None and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            # A list argument is passed as its length followed by its tensors, which autograd.Function then sees.
+            flat, sizes = [], []
+            for a in args:
+                sizes.append(len(a) if isinstance(a, list) else None)
+                flat.extend(a if isinstance(a, list) else (a,))
+            return _Eager.apply(self, sizes, *flat)
+        return self.impl(*args)
+
+
+def _regroup(flat: Sequence[Any], sizes: Sequence[int | None]) -> list[Any]:
+    """Undo the flattening of ``KernelOp.__call__``: list arguments become lists again."""
+    grouped, i = [], 0
+    for size in sizes:
+        grouped.append(flat[i] if size is None else list(flat[i:i + size]))
+        i += 1 if size is None else size
+    return grouped
+
+
+class _Eager(torch.autograd.Function):
+    """A KernelOp's formulas without the custom-op wrapper."""
+
+    @staticmethod
+    def forward(ctx, op: KernelOp, sizes: list[int | None], *flat: Any) -> Any:
+        args = _regroup(flat, sizes)
+        output = op.impl(*args)
+        ctx.op, ctx.sizes = op, sizes
+        needs = ctx.needs_input_grad
+        ctx.needs_input_grad = tuple(_regroup(needs[2:], sizes))
+        op.setup_context(ctx, args, output)
+        ctx.needs_input_grad = needs
+        return output
+
+    @staticmethod
+    def backward(ctx, *grads: Any) -> Any:
+        needs = ctx.needs_input_grad
+        ctx.needs_input_grad = tuple(_regroup(needs[2:], ctx.sizes))
+        try:
+            result = ctx.op.backward(ctx, *grads)
+        finally:
+            ctx.needs_input_grad = needs
+        result = result if isinstance(result, tuple) else (result,)
+        flat = []
+        for grad, size in zip(result, ctx.sizes):
+            flat.extend((grad,) if size is None else (grad if grad is not None else [None] * size))
+        return None, None, *flat
