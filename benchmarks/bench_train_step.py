@@ -1,8 +1,8 @@
 """One full DINO training step of `dino.train`: `--kernels fused` (ours) against `--kernels reference`.
 
-A step is what the trainer does per iteration after augmentation: teacher forward on the 2 global crops, student
-forward on all crops in one packed call, DINO loss, backward, per-tensor gradient clipping, AdamW, teacher EMA and
-center update (:meth:`dino.train.Trainer.step_on_crops`). The crops are random tensors of the augmentation's output
+A step is what the trainer does per iteration after augmentation: teacher forward on the global crops, student
+forward on all crops in one packed call, DINO loss and center update, backward, per-tensor gradient clipping, AdamW,
+teacher EMA (:meth:`dino.train.Trainer.step_on_crops`). The crops are random tensors of the augmentation's output
 shapes, made once up front: the augmentation (identical for both providers) is not timed. Providers:
 
 - ``reference``: ``--kernels reference``: every op on plain PyTorch (per-crop-group SDPA attention, the reference
@@ -57,8 +57,9 @@ def test_train_step(benchmark, measure, bench_env, case, provider, tmp_path):
     torch.manual_seed(0)
     trainer = _trainer(device, DRY_RUN_OVERRIDES if bench_env.dry_run else overrides, PROVIDERS[provider], tmp_path)
     cfg = trainer.cfg
-    crops = [torch.randn(2 * cfg.batch_size, 3, cfg.global_size, cfg.global_size, device=trainer.device),
-             torch.randn(cfg.n_local_crops * cfg.batch_size, 3, cfg.local_size, cfg.local_size, device=trainer.device)]
+    b, dev = cfg.batch_size, trainer.device
+    crops = [torch.randn(cfg.n_global_crops * b, 3, cfg.global_size, cfg.global_size, device=dev),
+             torch.randn(cfg.n_local_crops * b, 3, cfg.local_size, cfg.local_size, device=dev)]
     epoch = cfg.freeze_last_layer  # past the last-layer freeze: every parameter is updated
 
     def step():

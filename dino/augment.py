@@ -1,6 +1,6 @@
 """DINO v1 multi-crop augmentation, batched on the training device with kornia.
 
-Per image: 2 global crops and L local crops (DINO's ``DataAugmentationDINO``):
+Per image: G = 2 global crops (or only global 1 when G = 1) and L local crops (DINO's ``DataAugmentationDINO``):
 
 | view     | crop                            | then                                                                  |
 |----------|---------------------------------|-----------------------------------------------------------------------|
@@ -31,6 +31,9 @@ GRAYSCALE_P = 0.2
 BLUR_P = {"global1": 1.0, "global2": 0.1, "local": 0.5}
 SOLARIZE_P = 0.2
 SOLARIZE_THRESHOLD = 128 / 255
+# (blur p, solarise p) of DINO's two global views, global 1 and global 2 above: n_global_crops is 1 or 2.
+GLOBAL_VIEWS = ((BLUR_P["global1"], 0.0), (BLUR_P["global2"], SOLARIZE_P))
+MAX_GLOBAL_CROPS = len(GLOBAL_VIEWS)
 
 
 def blur_kernel_size(sigma_max: float, size: int) -> int:
@@ -73,7 +76,8 @@ def _view(size: int, scale: tuple[float, float], hflip_p: float, blur_p: float, 
 
 
 class MultiCropAugmentation(nn.Module):
-    """uint8 (B, 3, H, W) images on the device -> ``[globals (2B, 3, G, G), locals (L·B, 3, l, l)]`` normalised float.
+    """uint8 (B, 3, H, W) images on the device -> ``[globals (G·B, 3, S, S), locals (L·B, 3, l, l)]`` normalised
+    float, G = ``n_global_crops`` (1 or 2).
 
     Rows are view-major, as DINO's loss expects: globals are [g1 (B) | g2 (B)], locals [l1 (B) | … | lL (B)].
     The locals list entry is omitted when ``n_local_crops`` is 0. Building one needs kornia (``ImportError``
@@ -82,11 +86,14 @@ class MultiCropAugmentation(nn.Module):
 
     def __init__(self, global_size: int, local_size: int, n_local_crops: int,
                  global_scale: tuple[float, float] = (0.4, 1.0), local_scale: tuple[float, float] = (0.05, 0.4),
-                 blur_sigma: tuple[float, float] = (0.1, 2.0), hflip_p: float = 0.5) -> None:
+                 blur_sigma: tuple[float, float] = (0.1, 2.0), hflip_p: float = 0.5, n_global_crops: int = 2) -> None:
         super().__init__()
+        if not 1 <= n_global_crops <= MAX_GLOBAL_CROPS:
+            raise ValueError(f"n_global_crops must be 1 or {MAX_GLOBAL_CROPS} (DINO's global views); got "
+                             f"{n_global_crops}")
         self.n_local_crops = n_local_crops
-        self.global1 = _view(global_size, global_scale, hflip_p, BLUR_P["global1"], blur_sigma, 0.0)
-        self.global2 = _view(global_size, global_scale, hflip_p, BLUR_P["global2"], blur_sigma, SOLARIZE_P)
+        self.global_views = nn.ModuleList(_view(global_size, global_scale, hflip_p, blur_p, blur_sigma, solarize_p)
+                                          for blur_p, solarize_p in GLOBAL_VIEWS[:n_global_crops])
         self.local = _view(local_size, local_scale, hflip_p, BLUR_P["local"], blur_sigma, 0.0)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
@@ -99,7 +106,7 @@ class MultiCropAugmentation(nn.Module):
         if images.dim() != 4 or images.shape[1] != 3 or images.dtype != torch.uint8:
             raise ValueError(f"images must be uint8 (B, 3, H, W); got {images.dtype} {tuple(images.shape)}")
         x = images.float().div_(255.0)
-        crops = [torch.cat([self.global1(x), self.global2(x)])]
+        crops = [torch.cat([view(x) for view in self.global_views])]
         if self.n_local_crops:
             # One call draws independent parameters for every (view, image) pair; repeat() tiles the batch, so the
             # rows come out view-major.

@@ -15,6 +15,8 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import torch
 
+from dino.augment import MAX_GLOBAL_CROPS
+
 # Fields that only say how or where a run executes: they may differ when resuming, every other field must match the
 # checkpoint's config (a different recipe would not continue the same loss curve).
 RUNTIME_FIELDS = frozenset({"output_dir", "resume", "num_workers", "progress", "device", "eval_every", "data"})
@@ -35,8 +37,10 @@ class Config:
     batch_size: int = field(default=64, metadata={"help": "images per process and step"})
     num_workers: int = field(default=8, metadata={"help": "DataLoader worker processes (decoding + base resize)"})
     # ------------------------------------------------------------------ multi-crop augmentation (DINO v1)
-    global_size: int = field(default=224, metadata={"help": "side of the 2 global crops"})
+    global_size: int = field(default=224, metadata={"help": "side of the global crops"})
     local_size: int = field(default=96, metadata={"help": "side of the local crops"})
+    n_global_crops: int = field(default=2, metadata={"help": "number of global crops G, the teacher's views: 1 or 2 "
+                                                             "(the augmentation's two global views)"})
     n_local_crops: int = field(default=8, metadata={"help": "number of local crops L"})
     global_scale: tuple[float, float] = field(default=(0.4, 1.0), metadata={"help": "RandomResizedCrop area range, "
                                                                                      "global crops"})
@@ -122,11 +126,20 @@ class Config:
                 raise ValueError(f"{name}={getattr(self, name)} must be a multiple of patch_size={self.patch_size}")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim={self.embed_dim} must be divisible by num_heads={self.num_heads}")
-        for name in ("batch_size", "epochs", "out_dim", "image_size", "knn_k", "depth"):
+        for name in ("batch_size", "epochs", "out_dim", "image_size", "knn_k", "depth", "n_global_crops"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
         if self.n_local_crops < 0 or self.n_registers < 0 or self.num_workers < 0:
             raise ValueError("n_local_crops, n_registers and num_workers must be >= 0")
+        if self.n_global_crops > MAX_GLOBAL_CROPS:
+            raise ValueError(f"n_global_crops must be at most {MAX_GLOBAL_CROPS}: the multi-crop augmentation has "
+                             f"{MAX_GLOBAL_CROPS} global views (DINO's two recipes); got {self.n_global_crops}")
+        if self.n_global_crops + self.n_local_crops < 2:
+            raise ValueError(f"the DINO loss pairs a teacher crop with another student crop: n_global_crops + "
+                             f"n_local_crops must be >= 2; got {self.n_global_crops} + {self.n_local_crops}")
+        if not 0 <= self.warmup_teacher_temp_epochs <= self.epochs:
+            raise ValueError(f"warmup_teacher_temp_epochs must be in [0, epochs={self.epochs}]; got "
+                             f"{self.warmup_teacher_temp_epochs}")
         if self.koleo_weight < 0 or (self.koleo_weight > 0 and self.batch_size < 2):
             raise ValueError(f"koleo_weight must be >= 0 and needs batch_size >= 2 (nearest neighbours); got "
                              f"koleo_weight={self.koleo_weight}, batch_size={self.batch_size}")

@@ -6,9 +6,10 @@ LayerScale, pre-norm blocks (LayerNorm eps 1e-6, qkv bias, GELU MLP), stochastic
 
 All crop groups of a step go through the blocks in one call: every residual branch runs once on the packed tokens of
 all crops (``dino_kernels.drop_add_residual``, multi-crop form, which also skips the samples stochastic depth drops)
-and attention is ``dino_kernels.packed_attention`` over one sequence per crop. Under the ``reference`` backend
-(``--kernels reference``) attention is plain PyTorch instead: one ``scaled_dot_product_attention`` call per crop
-group, as DINO v1/v3 do, and the other ops run their plain-PyTorch reference implementations.
+and attention is ``dino_kernels.packed_attention`` over one sequence per crop. With ``--kernels reference``
+:func:`build_model` builds the blocks with plain-PyTorch attention instead (``packed_attention=False``): one
+``scaled_dot_product_attention`` call per crop group, as DINO v1/v3 do; the trainer then also runs the other ops
+under the ``reference`` backend. The choice is made once, at construction: ``forward`` consults no global switch.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import dino_kernels
 from dino_kernels.stochastic_depth import kept_count
 
 # DINO interpolates the position grid with scale (n + 0.1) / n0 rather than n / n0, so that floor() of the output
-# size is exactly n even with float rounding (facebookresearch/dino#8).
+# size is exactly n even with float rounding (floor(n0 · n / n0) can come out as n − 1).
 POS_INTERP_OFFSET = 0.1
 LN_EPS = 1e-6
 
@@ -61,9 +62,13 @@ def per_group_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int) -> None:
+    """Multi-head self-attention on packed tokens: ``dino_kernels.packed_attention`` (``packed=True``) or
+    :func:`per_group_attention` (plain PyTorch), fixed at construction."""
+
+    def __init__(self, dim: int, num_heads: int, packed: bool = True) -> None:
         super().__init__()
         self.num_heads = num_heads
+        self.packed = packed
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
         self.proj = nn.Linear(dim, dim)
 
@@ -76,10 +81,10 @@ class Attention(nn.Module):
                 groups: Sequence[tuple[int, int]]) -> torch.Tensor:
         """(T, D) packed tokens of the crop groups ``groups`` ((count, tokens) each) -> (T, D)."""
         q, k, v = self.qkv_heads(x)
-        if dino_kernels.get_backend() == "reference":
-            out = per_group_attention(q, k, v, groups)
-        else:
+        if self.packed:
             out = dino_kernels.packed_attention(q, k, v, cu_seqlens, max_seqlen)
+        else:
+            out = per_group_attention(q, k, v, groups)
         return self.proj(out.flatten(-2))
 
     def cls_attention(self, x: torch.Tensor) -> torch.Tensor:
@@ -103,10 +108,11 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block whose residual branches run on packed tokens of all crop groups."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float, layerscale: float) -> None:
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float, layerscale: float,
+                 packed_attention: bool = True) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
-        self.attn = Attention(dim, num_heads)
+        self.attn = Attention(dim, num_heads, packed=packed_attention)
         self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = drop_path
@@ -133,11 +139,12 @@ class Block(nn.Module):
 
 class VisionTransformer(nn.Module):
     """ViT backbone. ``forward(crops)`` takes a list of crop groups (B_i, 3, S_i, S_i) and returns the final-norm CLS
-    features of all of them, concatenated in order: (Σ B_i, embed_dim)."""
+    features of all of them, concatenated in order: (Σ B_i, embed_dim). ``packed_attention=False`` gives every block
+    plain-PyTorch attention (one SDPA call per crop group) instead of ``dino_kernels.packed_attention``."""
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, embed_dim: int = 384, depth: int = 12,
                  num_heads: int = 6, mlp_ratio: float = 4.0, drop_path_rate: float = 0.0, n_registers: int = 0,
-                 layerscale: float = 0.0, in_chans: int = 3) -> None:
+                 layerscale: float = 0.0, in_chans: int = 3, packed_attention: bool = True) -> None:
         super().__init__()
         self.patch_size, self.embed_dim, self.num_heads = patch_size, embed_dim, num_heads
         self.n_registers = n_registers
@@ -147,7 +154,8 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + n_patches, embed_dim))
         self.registers = nn.Parameter(torch.zeros(1, n_registers, embed_dim)) if n_registers else None
         rates = torch.linspace(0, drop_path_rate, depth).tolist()
-        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, r, layerscale) for r in rates)
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, r, layerscale, packed_attention)
+                                    for r in rates)
         self.norm = nn.LayerNorm(embed_dim, eps=LN_EPS)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
@@ -247,11 +255,13 @@ class DINOModel(nn.Module):
 
 
 def build_model(cfg, drop_path: bool) -> DINOModel:
-    """Student (``drop_path=True``) or teacher network from a :class:`dino.config.Config`."""
+    """Student (``drop_path=True``) or teacher network from a :class:`dino.config.Config`. The attention
+    implementation is chosen here, once: ``dino_kernels.packed_attention`` for ``kernels="fused"``, one plain-PyTorch
+    SDPA call per crop group for ``kernels="reference"``."""
     backbone = VisionTransformer(
         img_size=cfg.global_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth,
         num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, drop_path_rate=cfg.drop_path_rate if drop_path else 0.0,
-        n_registers=cfg.n_registers, layerscale=cfg.layerscale)
+        n_registers=cfg.n_registers, layerscale=cfg.layerscale, packed_attention=cfg.kernels != "reference")
     head = DINOHead(cfg.embed_dim, cfg.out_dim, cfg.head_hidden_dim, cfg.head_bottleneck_dim, cfg.norm_last_layer,
                     cfg.head_use_bn)
     return DINOModel(backbone, head)

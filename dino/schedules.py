@@ -4,7 +4,10 @@
 - weight decay: cosine ``weight_decay -> weight_decay_end``.
 - teacher momentum: cosine ``momentum_teacher -> momentum_teacher_end``:
   m(it) = end − (end − m0)·(1 + cos(π·it/T))/2.
-- teacher temperature, per epoch: linear ``warmup_teacher_temp -> teacher_temp`` over the warmup epochs, then constant.
+- teacher temperature, per epoch: linear ``warmup_teacher_temp -> teacher_temp`` over the warmup epochs, then constant
+  (:func:`dino_kernels.dino_loss.teacher_temp_schedule`, the one definition ``DINOLoss`` uses too).
+
+The formulas: docs/algorithm.md.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from dino_kernels.dino_loss import teacher_temp_schedule
 
 
 def cosine_schedule(base: float, final: float, epochs: int, iters_per_epoch: int, warmup_epochs: int = 0,
@@ -28,20 +33,12 @@ def cosine_schedule(base: float, final: float, epochs: int, iters_per_epoch: int
     return schedule[: epochs * iters_per_epoch]
 
 
-def teacher_temp_schedule(warmup_teacher_temp: float, teacher_temp: float, warmup_epochs: int,
-                          epochs: int) -> np.ndarray:
-    """One value per epoch: ``linspace(warmup, final, warmup_epochs)`` then ``final``."""
-    warm = np.linspace(warmup_teacher_temp, teacher_temp, warmup_epochs)
-    schedule = np.concatenate([warm, np.full(max(epochs - warmup_epochs, 0), teacher_temp)])
-    return schedule[:epochs]
-
-
 @dataclass
 class Schedules:
     lr: np.ndarray
     weight_decay: np.ndarray
     momentum: np.ndarray
-    teacher_temp: np.ndarray  # per epoch
+    teacher_temp: tuple[float, ...]  # per epoch
 
     @classmethod
     def from_config(cls, cfg, iters_per_epoch: int, world_size: int = 1) -> Schedules:

@@ -141,14 +141,8 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------- step
-def compute_loss(loss_fn: dino_kernels.DINOLoss, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                 epoch: int) -> tuple[torch.Tensor, dino_kernels.DINOLossStats]:
-    """The DINO loss of one step and its collapse statistics; updates the center (all-reduced under DDP)."""
-    return loss_fn(student_logits, teacher_logits, epoch, return_stats=True)
-
-
-def koleo_loss(features: torch.Tensor, n_chunks: int = 2) -> torch.Tensor:
-    """DINOv2's KoLeo regulariser (DINOv2's ``KoLeoLoss``), summed over the global-crop chunks.
+def koleo_loss(features: torch.Tensor, n_chunks: int) -> torch.Tensor:
+    """DINOv2's KoLeo regulariser (DINOv2's ``KoLeoLoss``), summed over the ``n_chunks`` global-crop chunks.
 
     Per chunk of B rows (one global view), in fp32 with autocast off: z = x / max(‖x‖, 1e-8), each row's nearest
     neighbour by cosine (diagonal excluded), d = ‖z − z_nn + 1e-8‖, L = −mean log(d + 1e-8). Pushes the features of a
@@ -218,7 +212,8 @@ class Trainer:
         self.iters_per_epoch = len(self.loader)
         self.schedules = Schedules.from_config(cfg, self.iters_per_epoch, self.info.world_size)
         self.augment = MultiCropAugmentation(cfg.global_size, cfg.local_size, cfg.n_local_crops, cfg.global_scale,
-                                             cfg.local_scale, cfg.blur_sigma, cfg.hflip_p).to(self.device)
+                                             cfg.local_scale, cfg.blur_sigma, cfg.hflip_p,
+                                             n_global_crops=cfg.n_global_crops).to(self.device)
 
         self.student: DINOModel = build_model(cfg, drop_path=True).to(self.device)
         self.teacher: DINOModel = build_model(cfg, drop_path=False).to(self.device)
@@ -233,10 +228,8 @@ class Trainer:
         self.teacher.train()
         self.optimizer = torch.optim.AdamW(param_groups(self.student))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        self.loss_fn = dino_kernels.DINOLoss(cfg.out_dim, 2, cfg.n_local_crops, cfg.warmup_teacher_temp,
-                                             cfg.teacher_temp, cfg.warmup_teacher_temp_epochs, cfg.epochs,
-                                             cfg.student_temp, cfg.center_momentum).to(self.device)
-        self.center = self.loss_fn.center  # (1, K) buffer, updated in place by the loss
+        # The DINO center c: (1, K) fp32, an EMA of the teacher's batch-mean logits (update_center_ in the step).
+        self.center = torch.zeros(1, cfg.out_dim, device=self.device)
         # Each rank draws its own augmentations and stochastic-depth subsets.
         torch.manual_seed(cfg.seed + self.info.rank)
         self.epoch, self.step = 0, 0
@@ -298,21 +291,29 @@ class Trainer:
 
     def step_on_crops(self, crops: list[torch.Tensor], epoch: int
                       ) -> tuple[float, torch.Tensor, torch.Tensor, float]:
-        """One DINO iteration: teacher and student forward, loss (+ KoLeo), backward, per-tensor clip, last-layer
-        freeze, AdamW step, teacher EMA, center update. Returns the DINO loss, the teacher entropy and KL (0-d
-        tensors) and the KoLeo term."""
+        """One DINO iteration (docs/algorithm.md), on ``crops = [globals (G·B, ...), locals (L·B, ...)]``: teacher
+        forward on the global crops, student forward on all crops, DINO loss at this epoch's teacher temperature
+        (+ KoLeo), center update, NaN guard, backward, per-tensor clip, last-layer freeze, AdamW step, teacher EMA.
+        Returns the DINO loss, the teacher entropy and KL (0-d tensors) and the KoLeo term."""
         cfg, it = self.cfg, self.step
         for i, group in enumerate(self.optimizer.param_groups):
             group["lr"] = float(self.schedules.lr[it])
             if i == 0:
                 group["weight_decay"] = float(self.schedules.weight_decay[it])
+        global_crops = crops[0]
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             with torch.no_grad():
-                teacher_logits = self.teacher([crops[0]])
+                teacher_logits = self.teacher([global_crops])
             student_logits, features = self.ddp_student(crops, return_features=True)
-            loss, stats = compute_loss(self.loss_fn, student_logits, teacher_logits, epoch)
-        koleo = koleo_loss(features[: crops[0].shape[0]]) if cfg.koleo_weight > 0 else torch.zeros_like(loss)
-        total = loss + cfg.koleo_weight * koleo if cfg.koleo_weight > 0 else loss
+            loss, stats = dino_kernels.dino_loss(student_logits, teacher_logits, self.center,
+                                                 n_global_crops=cfg.n_global_crops, student_temp=cfg.student_temp,
+                                                 teacher_temp=float(self.schedules.teacher_temp[epoch]),
+                                                 return_stats=True)
+        dino_kernels.update_center_(self.center, stats.teacher_mean, cfg.center_momentum)  # all-reduced under DDP
+        koleo, total = torch.zeros_like(loss), loss
+        if cfg.koleo_weight > 0:  # DINOv2's KoLeo term on the student's global-crop CLS features
+            koleo = koleo_loss(features[: global_crops.shape[0]], n_chunks=cfg.n_global_crops)
+            total = loss + cfg.koleo_weight * koleo
         # One host sync for the three numbers the guard and the progress bar need.
         loss_value, total_value, koleo_value = torch.stack([t.detach().float() for t in (loss, total, koleo)]).tolist()
         if _all_reduce_flag(not (math.isfinite(loss_value) and math.isfinite(total_value)), self.info, self.device):

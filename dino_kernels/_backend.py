@@ -89,18 +89,20 @@ def accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def resolve(device: torch.device, op: str, dtype: torch.dtype | None = None) -> Impl:
+def resolve(device: torch.device, op: str, dtype: torch.dtype | None = None, *,
+            cuda_runs_triton: bool = False) -> Impl:
     """The implementation ``op`` runs for tensors on ``device`` (of ``dtype``) under the current backend.
 
-    Raises ``ValueError`` when the requested backend cannot serve that device, ``TypeError`` when the ``triton``
-    backend is asked for a dtype outside :data:`TRITON_DTYPES`.
+    Raises ``ValueError`` when the requested backend cannot serve that device, ``TypeError`` when the Triton kernels
+    are asked for a dtype outside :data:`TRITON_DTYPES`: under the ``triton`` backend, and for ops whose CUDA
+    implementation is their Triton kernels (``cuda_runs_triton``) also under ``auto``/``cuda`` on CUDA tensors.
     """
     name = get_backend()
     is_cuda = device.type == "cuda"
     if name == "reference":
         return "reference"
-    if name == "auto":
-        return "cuda" if is_cuda else "cpu"
+    if name == "auto" and not is_cuda:
+        return "cpu"
     if name == "cpu" and is_cuda:
         raise ValueError(f"{op}: backend 'cpu' runs on CPU tensors only, got tensors on {device}")
     if name == "cuda" and not is_cuda:
@@ -110,7 +112,8 @@ def resolve(device: torch.device, op: str, dtype: torch.dtype | None = None) -> 
             f"{op}: backend 'triton' on {device} tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
             "before importing triton, or use CUDA tensors"
         )
-    if name == "triton" and dtype is not None and dtype not in TRITON_DTYPES:
-        raise TypeError(f"{op}: the triton backend takes float32, float16 or bfloat16 tensors; got {dtype}. Use "
-                        "the 'auto', 'cpu' or 'reference' backend for float64")
-    return name  # type: ignore[return-value]
+    impl = "cuda" if name == "auto" else name
+    if dtype is not None and dtype not in TRITON_DTYPES and (impl == "triton" or impl == "cuda" and cuda_runs_triton):
+        raise TypeError(f"{op}: the Triton kernels take float32, float16 or bfloat16 tensors; got {dtype}. For "
+                        "float64 use CPU tensors (the 'auto' or 'cpu' backend) or the 'reference' backend")
+    return impl  # type: ignore[return-value]

@@ -39,6 +39,13 @@ def check_tensor_list(name: str, tensors: list) -> None:
         check_tensor(f"{name}[{i}]", x)
 
 
+def check_float(name: str, value: object) -> float:
+    """A Python int or float (not a bool), returned as a float."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    return float(value)
+
+
 def check_positive(name: str, value: float) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")

@@ -20,6 +20,7 @@ images, vectorised loops), and the official-style eager loss in :mod:`dino_kerne
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import NamedTuple
 
@@ -28,13 +29,12 @@ import torch
 import triton
 import triton.language as tl
 from torch import nn
-from torch._subclasses.fake_tensor import is_fake
-from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
 from dino_kernels import reference
-from dino_kernels._aot import AOTKernel
-from dino_kernels._backend import device_guard, resolve
+from dino_kernels._backend import TRITON_DTYPES, accumulation_dtype, get_backend, resolve
 from dino_kernels._extension import ops
+from dino_kernels._launch import TritonKernel
+from dino_kernels._op import KernelOp, tracing
 from dino_kernels._validation import (
     FLOAT_DTYPES,
     check_floating,
@@ -45,43 +45,11 @@ from dino_kernels._validation import (
     check_unit_interval,
 )
 
-# Teacher pass: one program per TEACHER_BLOCK_K columns, walking down the rows TEACHER_BLOCK_ROWS at a time. Column
-# slices (rather than one program per row) give the batch mean without atomics and a deterministic result; 128
-# columns make K / 128 >= 512 programs at DINO's K = 65,536, enough to fill an H100. 4 elements per thread: the fp64
-# entropy path is register-hungry (ptxas: 80 registers, no spills, on sm_80 and sm_90), and fewer registers let
-# more programs share an SM.
-TEACHER_BLOCK_K = 128
-TEACHER_BLOCK_ROWS = 8
-TEACHER_NUM_WARPS = 8
-# Combining the per-slice partial statistics of a teacher row: slices per step.
-FINALIZE_BLOCK = 1024
-FINALIZE_NUM_WARPS = 4
-# Student pass: (BLOCK_K, num_warps) for K up to the first entry's BLOCK_K, else the second. 8 elements per thread
-# keep it near 70 registers, so that several programs share an SM and keep enough loads in flight.
-STUDENT_CONFIGS = ((1024, 4), (2048, 8))
-# Backward rescale of the stored gradient: elements per program.
-RESCALE_BLOCK = 2048
-RESCALE_NUM_WARPS = 8
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
 # fp16 cannot hold the gradient itself: entries of (|q| softmax − q)/(τs·B·P) fall below its subnormal range at
 # DINO's sizes, while after a GradScaler's grad_output they would be representable. fp16 gradients are therefore
 # stored as (|q| softmax − q)·2^e, the largest power of two that keeps |q| softmax − q (at most G in magnitude)
 # finite, and the backward multiplies by grad_output / (2^e·τs·B·P).
 _FP16_MAX = 65504.0
-
-
-class DINOLossStats(NamedTuple):
-    """Collapse monitors from the same pass as the loss (no gradient flows through them).
-
-    teacher_mean: (K,) batch mean of the raw teacher logits, what :func:`update_center_` needs.
-    teacher_entropy: 0-d, mean entropy of the teacher distributions in nats (ln K: uniform collapse; 0: one-hot).
-    kl: 0-d, mean KL(teacher ‖ student) over the (teacher crop, student crop) pairs, in nats.
-    """
-
-    teacher_mean: torch.Tensor
-    teacher_entropy: torch.Tensor
-    kl: torch.Tensor
 
 
 # ---------------------------------------------------------------------------------------------- Triton kernels
@@ -147,6 +115,13 @@ def _dino_teacher_stats_kernel(
     tl.store(mean_ptr + cols, col_sum * inv_rows, mask=col_mask)
 
 
+# One program per BLOCK_K columns, walking down the rows BLOCK_ROWS at a time. Column slices (rather than one program
+# per row) give the batch mean without atomics and a deterministic result; 128 columns make K / 128 >= 512 programs
+# at DINO's K = 65,536, enough to fill an H100. 4 elements per thread: the fp64 entropy path is register-hungry
+# (ptxas: 80 registers, no spills, on sm_80 and sm_90), and fewer registers let more programs share an SM.
+TEACHER_STATS = TritonKernel(_dino_teacher_stats_kernel, {"BLOCK_ROWS": 8, "BLOCK_K": 128, "num_warps": 8})
+
+
 @triton.jit
 def _dino_teacher_finalize_kernel(
     partial_max64_ptr,  # fp64 (n_rows, n_slices) from the teacher pass
@@ -195,6 +170,10 @@ def _dino_teacher_finalize_kernel(
     z64 = count + rest
     log_z64 = tl.log(count) + tl.log(1.0 + (rest / count).to(tl.float64)).to(tl.float32)
     tl.store(entropy_ptr + row, log_z64 - w / z64)
+
+
+# Combining the per-slice partial statistics of a teacher row: BLOCK slices per step.
+TEACHER_FINALIZE = TritonKernel(_dino_teacher_finalize_kernel, {"BLOCK": 1024, "num_warps": 4})
 
 
 @triton.jit
@@ -275,6 +254,11 @@ def _dino_student_kernel(
             tl.store(grad_row + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
+# The first config for K up to its BLOCK_K, else the second. 8 elements per thread keep it near 70 registers, so that
+# several programs share an SM and keep enough loads in flight.
+STUDENT = TritonKernel(_dino_student_kernel, {"BLOCK_K": 1024, "num_warps": 4}, {"BLOCK_K": 2048, "num_warps": 8})
+
+
 @triton.jit
 def _dino_loss_rescale_kernel(
     grad_ptr,  # the stored gradient, rescaled in place
@@ -292,63 +276,12 @@ def _dino_loss_rescale_kernel(
         tl.store(grad_ptr + offsets, (g * factor).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
-_TRITON_TYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-_TYPES = tuple(_TRITON_TYPE.values())
-
-
-def _teacher_stats_signature(teacher: str) -> dict[str, str]:
-    return {"teacher_ptr": f"*{teacher}", "center_ptr": "*fp32", "partial_max64_ptr": "*fp64", "partial_ptr": "*fp32",
-            "mean_ptr": "*fp32", "n_rows": "i32", "n_cols": "i32", "n_slices": "i32", "inv_teacher_temp": "fp32",
-            "inv_teacher_temp_lo": "fp32", "inv_rows": "fp32", "BLOCK_ROWS": "constexpr", "BLOCK_K": "constexpr"}
-
-
-def _student_signature(student: str, teacher: str) -> dict[str, str]:
-    return {"student_ptr": f"*{student}", "teacher_ptr": f"*{teacher}", "center_ptr": "*fp32",
-            "teacher_max_ptr": "*fp32", "teacher_inv_norm_ptr": "*fp32", "grad_ptr": f"*{student}",
-            "row_loss_ptr": "*fp32", "batch": "i32", "n_global": "i32", "n_crops": "i32", "n_cols": "i32",
-            "inv_student_temp": "fp32", "inv_teacher_temp": "fp32", "grad_scale": "fp32", "compute_grad": "i32",
-            "BLOCK_K": "constexpr"}
-
-
-def _rescale_signature(grad: str, n_type: str) -> dict[str, str]:
-    return {"grad_ptr": f"*{grad}", "grad_output_ptr": "*fp32", "scale": "fp32", "n_elements": n_type,
-            "BLOCK": "constexpr"}
-
-
-AOT_KERNELS = [
-    AOTKernel(
-        _dino_teacher_stats_kernel,
-        signatures=tuple(_teacher_stats_signature(t) for t in _TYPES),
-        configs=({"BLOCK_ROWS": TEACHER_BLOCK_ROWS, "BLOCK_K": TEACHER_BLOCK_K, "num_warps": TEACHER_NUM_WARPS},),
-    ),
-    AOTKernel(
-        _dino_teacher_finalize_kernel,
-        signatures=({"partial_max64_ptr": "*fp64", "partial_ptr": "*fp32", "max_ptr": "*fp32", "inv_norm_ptr": "*fp32",
-                     "entropy_ptr": "*fp32", "n_rows": "i32", "n_slices": "i32", "BLOCK": "constexpr"},),
-        configs=({"BLOCK": FINALIZE_BLOCK, "num_warps": FINALIZE_NUM_WARPS},),
-    ),
-    AOTKernel(
-        _dino_student_kernel,
-        signatures=tuple(_student_signature(s, t) for s in _TYPES for t in _TYPES),
-        configs=tuple({"BLOCK_K": block, "num_warps": warps} for block, warps in STUDENT_CONFIGS),
-    ),
-    AOTKernel(
-        _dino_loss_rescale_kernel,
-        # Triton passes n_elements as i32 when it fits, else as i64.
-        signatures=tuple(_rescale_signature(g, n) for g in _TYPES for n in ("i32", "i64")),
-        configs=({"BLOCK": RESCALE_BLOCK, "num_warps": RESCALE_NUM_WARPS},),
-    ),
-]
+# Backward rescale of the stored gradient: BLOCK elements per program.
+RESCALE = TritonKernel(_dino_loss_rescale_kernel, {"BLOCK": 2048, "num_warps": 8})
 
 
 # ------------------------------------------------------------------------------------------------- launchers
-def _student_config(n_cols: int) -> tuple[int, int]:
-    small, large = STUDENT_CONFIGS
-    return small if n_cols <= small[0] else large
-
-
-def _acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+_Outputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def _layout(student: torch.Tensor, teacher: torch.Tensor, n_global: int) -> tuple[int, int, int]:
@@ -367,17 +300,16 @@ def _grad_scales(dtype: torch.dtype, n_global: int, student_temp: float, batch: 
     return exact, 1.0
 
 
-def _forward_triton(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor, n_global: int,
-                    student_temp: float, teacher_temp: float, compute_grad: bool):
-    for name, t in (("student_logits", student), ("teacher_logits", teacher)):
-        if t.dtype not in TRITON_DTYPES:
-            raise TypeError(f"dino_loss: the triton backend takes float32/float16/bfloat16 {name}; got {t.dtype}. "
-                            "Use the 'cpu' backend for float64")
+def _dino_loss_triton(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor, n_global: int,
+                      student_temp: float, teacher_temp: float, grad_scale: float, compute_grad: bool) -> _Outputs:
+    """The teacher pass, its finalize and the student pass, on contiguous logits and a contiguous fp32 (K,) center."""
     n_rows, n_cols = teacher.shape
     batch, n_crops, pairs = _layout(student, teacher, n_global)
-    grad_scale, _ = _grad_scales(student.dtype, n_global, student_temp, batch, pairs)
+    stats_config, finalize_config = TEACHER_STATS.configs[0], TEACHER_FINALIZE.configs[0]
+    small, large = STUDENT.configs
+    student_config = small if n_cols <= small["BLOCK_K"] else large
     fp32 = dict(dtype=torch.float32, device=student.device)
-    n_slices = triton.cdiv(n_cols, TEACHER_BLOCK_K)
+    n_slices = triton.cdiv(n_cols, stats_config["BLOCK_K"])
     partial_max64 = torch.empty((n_rows, n_slices), dtype=torch.float64, device=student.device)
     partial = torch.empty((5, n_rows, n_slices), **fp32)
     mean = torch.empty(n_cols, **fp32)
@@ -386,18 +318,18 @@ def _forward_triton(student: torch.Tensor, teacher: torch.Tensor, center: torch.
     entropy = torch.empty(n_rows, **fp32)
     row_loss = torch.empty(student.shape[0], **fp32)
     grad = torch.empty_like(student) if compute_grad else student.new_empty(0)
-    block_k, num_warps = _student_config(n_cols)
     inv_teacher_temp = float(np.float32(1.0 / teacher_temp))
-    with device_guard(student.device):
-        _dino_teacher_stats_kernel[(n_slices,)](
-            teacher, center, partial_max64, partial, mean, n_rows, n_cols, n_slices, inv_teacher_temp,
-            1.0 / teacher_temp - inv_teacher_temp, 1.0 / n_rows,
-            BLOCK_ROWS=TEACHER_BLOCK_ROWS, BLOCK_K=TEACHER_BLOCK_K, num_warps=TEACHER_NUM_WARPS)
-        _dino_teacher_finalize_kernel[(n_rows,)](partial_max64, partial, row_max, inv_norm, entropy, n_rows, n_slices,
-                                                 BLOCK=FINALIZE_BLOCK, num_warps=FINALIZE_NUM_WARPS)
-        _dino_student_kernel[(student.shape[0],)](
-            student, teacher, center, row_max, inv_norm, grad, row_loss, batch, n_global, n_crops, n_cols,
-            1.0 / student_temp, 1.0 / teacher_temp, grad_scale, int(compute_grad), BLOCK_K=block_k, num_warps=num_warps)
+    TEACHER_STATS.launch((n_slices,), stats_config, teacher_ptr=teacher, center_ptr=center,
+                         partial_max64_ptr=partial_max64, partial_ptr=partial, mean_ptr=mean, n_rows=n_rows,
+                         n_cols=n_cols, n_slices=n_slices, inv_teacher_temp=inv_teacher_temp,
+                         inv_teacher_temp_lo=1.0 / teacher_temp - inv_teacher_temp, inv_rows=1.0 / n_rows)
+    TEACHER_FINALIZE.launch((n_rows,), finalize_config, partial_max64_ptr=partial_max64, partial_ptr=partial,
+                            max_ptr=row_max, inv_norm_ptr=inv_norm, entropy_ptr=entropy, n_rows=n_rows,
+                            n_slices=n_slices)
+    STUDENT.launch((student.shape[0],), student_config, student_ptr=student, teacher_ptr=teacher, center_ptr=center,
+                   teacher_max_ptr=row_max, teacher_inv_norm_ptr=inv_norm, grad_ptr=grad, row_loss_ptr=row_loss,
+                   batch=batch, n_global=n_global, n_crops=n_crops, n_cols=n_cols, inv_student_temp=1.0 / student_temp,
+                   inv_teacher_temp=1.0 / teacher_temp, grad_scale=grad_scale, compute_grad=int(compute_grad))
     loss = row_loss.sum() / (pairs * batch)
     mean_entropy = entropy.mean()
     # Each teacher crop meets S − 1 student crops, so the pair mean of the teacher entropy is its plain mean and
@@ -405,79 +337,76 @@ def _forward_triton(student: torch.Tensor, teacher: torch.Tensor, center: torch.
     return loss, grad, mean, mean_entropy, loss - mean_entropy
 
 
-def _forward(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor, n_global: int,
-             student_temp: float, teacher_temp: float, compute_grad: bool):
-    impl = resolve(student.device, "dino_loss")
+def _dino_loss_rescale_triton(grad: torch.Tensor, grad_output: torch.Tensor, scale: float) -> None:
+    n = grad.numel()
+    if n:
+        config = RESCALE.configs[0]
+        RESCALE.launch((triton.cdiv(n, config["BLOCK"]),), config, grad_ptr=grad,
+                       grad_output_ptr=grad_output.to(torch.float32), scale=scale, n_elements=n)
+
+
+def aot_examples() -> None:
+    """Every (student dtype, teacher dtype) pair with K below and above the first student config's BLOCK_K, and the
+    rescale of each gradient dtype with an i32 and an i64 element count."""
+    for s, t in itertools.product(TRITON_DTYPES, repeat=2):
+        for k in (8, 2 * STUDENT.configs[0]["BLOCK_K"]):
+            _dino_loss_triton(torch.empty(6, k, dtype=s), torch.empty(4, k, dtype=t), torch.empty(k), 2, 0.1, 0.04,
+                              1.0, True)
+    for d in TRITON_DTYPES:
+        # Triton passes n_elements as i32 when it fits, else as i64 (nothing is allocated: a 0-stride view).
+        for n in (8, 2**31):
+            _dino_loss_rescale_triton(torch.empty(1, dtype=d).expand(n), torch.empty(()), 0.5)
+
+
+# ------------------------------------------------------------------------------------------------ dispatch
+def _dino_loss_forward(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor, n_global: int,
+                       student_temp: float, teacher_temp: float, compute_grad: bool) -> _Outputs:
+    """(loss, stored gradient, teacher batch mean, mean teacher entropy, mean KL). The gradient is empty unless
+    compute_grad; it is the loss gradient times the backward's factor (1 except for fp16, see _grad_scales)."""
+    # The Triton kernels take fp32/fp16/bf16 logits: an fp64 one (if any) is the dtype the backend must serve.
+    dtype = next((t.dtype for t in (student, teacher) if t.dtype not in TRITON_DTYPES), student.dtype)
+    impl = resolve(student.device, "dino_loss", dtype, cuda_runs_triton=True)
     if impl == "reference":
         raise ValueError("dino_kernels::dino_loss is the fused kernel; under the 'reference' backend call "
                          "dino_kernels.dino_loss, which runs dino_kernels.reference.dino_loss")
     student, teacher = student.contiguous(), teacher.contiguous()
-    center = center.reshape(-1).to(_acc_dtype(student, teacher)).contiguous()
+    center = center.reshape(-1).to(accumulation_dtype(student, teacher)).contiguous()
+    batch, _, pairs = _layout(student, teacher, n_global)
+    grad_scale, _ = _grad_scales(student.dtype, n_global, student_temp, batch, pairs)
     if impl == "cpu":
-        batch, _, pairs = _layout(student, teacher, n_global)
-        grad_scale, _ = _grad_scales(student.dtype, n_global, student_temp, batch, pairs)
         return ops().dino_loss_cpu(student, teacher, center, n_global, student_temp, teacher_temp, grad_scale,
                                    compute_grad)
-    return _forward_triton(student, teacher, center, n_global, student_temp, teacher_temp, compute_grad)
+    return _dino_loss_triton(student, teacher, center, n_global, student_temp, teacher_temp, grad_scale, compute_grad)
 
 
-def _rescale(grad: torch.Tensor, grad_output: torch.Tensor, scale: float) -> None:
+def _dino_loss_backward(grad: torch.Tensor, grad_output: torch.Tensor, scale: float) -> None:
+    """In place grad *= grad_output * scale (fp32 math), a no-op when that factor is 1."""
     # C++ for CPU tensors unless the Triton kernels are asked for ("reference" can only be met here when the backend
     # was switched between forward and backward: the rescale is the same op either way).
     if grad.device.type == "cpu" and resolve(grad.device, "dino_loss") != "triton":
         ops().dino_loss_rescale_cpu_(grad, grad_output, scale)
-        return
-    n = grad.numel()
-    if n:
-        with device_guard(grad.device):
-            _dino_loss_rescale_kernel[(triton.cdiv(n, RESCALE_BLOCK),)](
-                grad, grad_output.to(torch.float32), scale, n, BLOCK=RESCALE_BLOCK, num_warps=RESCALE_NUM_WARPS)
+    else:
+        _dino_loss_rescale_triton(grad, grad_output, scale)
 
 
-# ------------------------------------------------------------------------------------------- registered ops
-_Outputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+# ----------------------------------------------------------------------------------------------- registered op
+def _dino_loss_rescale_fake(grad: torch.Tensor, grad_output: torch.Tensor, scale: float) -> None:
+    return None
 
 
-@torch.library.custom_op("dino_kernels::dino_loss", mutates_args=(), device_types="cpu")
-def _dino_loss_op(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor, n_global: int,
-                  student_temp: float, teacher_temp: float, compute_grad: bool) -> _Outputs:
-    """(loss, stored gradient, teacher batch mean, mean teacher entropy, mean KL). The gradient is empty unless
-    compute_grad; it is the loss gradient times the backward's factor (1 except for fp16, see _grad_scales)."""
-    return _forward(student, teacher, center, n_global, student_temp, teacher_temp, compute_grad)
+_dino_loss_rescale_op = KernelOp("dino_loss_rescale_", _dino_loss_backward, fake=_dino_loss_rescale_fake,
+                                 mutates_args=("grad",))
 
 
-@_dino_loss_op.register_kernel("cuda")
-def _dino_loss_op_cuda(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor, n_global: int,
-                       student_temp: float, teacher_temp: float, compute_grad: bool) -> _Outputs:
-    return _forward(student, teacher, center, n_global, student_temp, teacher_temp, compute_grad)
-
-
-@_dino_loss_op.register_fake
-def _dino_loss_op_fake(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor, n_global: int,
-                       student_temp: float, teacher_temp: float, compute_grad: bool) -> _Outputs:
-    acc = _acc_dtype(student, teacher)
+def _dino_loss_fake(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor, n_global: int,
+                    student_temp: float, teacher_temp: float, compute_grad: bool) -> _Outputs:
+    acc = accumulation_dtype(student, teacher)
     grad = student.new_empty(student.shape if compute_grad else (0,))
     return (student.new_empty((), dtype=acc), grad, student.new_empty((student.shape[1],), dtype=acc),
             student.new_empty((), dtype=acc), student.new_empty((), dtype=acc))
 
 
-@torch.library.custom_op("dino_kernels::dino_loss_rescale_", mutates_args=("grad",), device_types="cpu")
-def _rescale_op(grad: torch.Tensor, grad_output: torch.Tensor, scale: float) -> None:
-    """In place grad *= grad_output * scale (fp32 math), a no-op when that factor is 1."""
-    _rescale(grad, grad_output, scale)
-
-
-@_rescale_op.register_kernel("cuda")
-def _rescale_op_cuda(grad: torch.Tensor, grad_output: torch.Tensor, scale: float) -> None:
-    _rescale(grad, grad_output, scale)
-
-
-@_rescale_op.register_fake
-def _rescale_op_fake(grad: torch.Tensor, grad_output: torch.Tensor, scale: float) -> None:
-    return None
-
-
-def _setup_context(ctx, inputs, output) -> None:
+def _dino_loss_setup_context(ctx, inputs, output) -> None:
     student, teacher, center, n_global, student_temp, teacher_temp, compute_grad = inputs
     batch, _, pairs = _layout(student, teacher, n_global)
     ctx.factor = _grad_scales(student.dtype, n_global, student_temp, batch, pairs)[1]
@@ -493,33 +422,42 @@ def _setup_context(ctx, inputs, output) -> None:
         ctx.save_for_backward(student, teacher, center)
 
 
-def _traced(t: torch.Tensor) -> bool:
-    """Whether this backward is being traced (torch.compile, torch.export, AOTAutograd) rather than run."""
-    return torch.compiler.is_compiling() or is_fake(t) or get_proxy_mode() is not None
-
-
-def _backward(ctx, grad_loss, *_unused):
+def _dino_loss_vjp(ctx, grad_loss, *_unused):
     if grad_loss is None or not ctx.needs_input_grad[0]:
         return (None,) * 7
     if ctx.compute_grad:
         (grad,) = ctx.saved_tensors
     else:
         grad = _dino_loss_op(*ctx.saved_tensors, *ctx.args, True)[1]
-    if _traced(grad):
+    if tracing(grad):
         # AOTAutograd cannot partition a backward that mutates a saved forward output, so a traced graph rescales
         # out of place (the compiler fuses the multiply).
         return (grad.float() * (grad_loss.float() * ctx.factor)).to(grad.dtype), None, None, None, None, None, None
     # In place on the stored gradient, and skipped on the device when grad_output * factor is 1. This bumps the
     # gradient's version, so a second backward through the same graph (retain_graph=True) raises rather than
     # rescaling twice.
-    torch.ops.dino_kernels.dino_loss_rescale_(grad, grad_loss, ctx.factor)
+    _dino_loss_rescale_op(grad, grad_loss, ctx.factor)
     return grad, None, None, None, None, None, None
 
 
-_dino_loss_op.register_autograd(_backward, setup_context=_setup_context)
+_dino_loss_op = KernelOp("dino_loss", _dino_loss_forward, fake=_dino_loss_fake,
+                         setup_context=_dino_loss_setup_context, backward=_dino_loss_vjp)
 
 
-# ------------------------------------------------------------------------------------------------ public API
+# ------------------------------------------------------------------------------------------------- public API
+class DINOLossStats(NamedTuple):
+    """Collapse monitors from the same pass as the loss (no gradient flows through them).
+
+    teacher_mean: (K,) batch mean of the raw teacher logits, what :func:`update_center_` needs.
+    teacher_entropy: 0-d, mean entropy of the teacher distributions in nats (ln K: uniform collapse; 0: one-hot).
+    kl: 0-d, mean KL(teacher ‖ student) over the (teacher crop, student crop) pairs, in nats.
+    """
+
+    teacher_mean: torch.Tensor
+    teacher_entropy: torch.Tensor
+    kl: torch.Tensor
+
+
 def _check_inputs(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor, n_global_crops: int,
                   student_temp: float, teacher_temp: float) -> None:
     for name, t in (("student_logits", student), ("teacher_logits", teacher), ("center", center)):
@@ -555,6 +493,7 @@ def _check_inputs(student: torch.Tensor, teacher: torch.Tensor, center: torch.Te
                          "(teacher crop, other student crop) pair exists")
 
 
+
 def dino_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -581,7 +520,7 @@ def dino_loss(
         ``return_stats``, ``(loss, stats)``.
     """
     _check_inputs(student_logits, teacher_logits, center, n_global_crops, student_temp, teacher_temp)
-    if resolve(student_logits.device, "dino_loss") == "reference":
+    if get_backend() == "reference":  # the eager official-style loss, with its own autograd
         out = reference.dino_loss(student_logits, teacher_logits, center, n_global_crops=n_global_crops,
                                   student_temp=student_temp, teacher_temp=teacher_temp, return_stats=return_stats)
         return (out[0], DINOLossStats(*out[1])) if return_stats else out
@@ -591,6 +530,7 @@ def dino_loss(
     if not return_stats:
         return loss
     return loss, DINOLossStats(mean.detach(), entropy.detach(), kl.detach())
+
 
 
 def update_center_(center: torch.Tensor, teacher_logits: torch.Tensor, momentum: float = 0.9) -> None:
@@ -615,7 +555,7 @@ def update_center_(center: torch.Tensor, teacher_logits: torch.Tensor, momentum:
     if teacher_logits.dim() not in (1, 2) or teacher_logits.shape[-1] != n_cols or teacher_logits.numel() == 0:
         raise ValueError(f"teacher_logits must be the logits (N, {n_cols}) with N > 0 or their mean ({n_cols},); "
                          f"got shape {tuple(teacher_logits.shape)}")
-    acc = _acc_dtype(center, teacher_logits)
+    acc = accumulation_dtype(center, teacher_logits)
     with torch.no_grad():
         if teacher_logits.dim() == 2:
             batch_center, count = teacher_logits.sum(0, dtype=acc), teacher_logits.shape[0]
@@ -626,6 +566,17 @@ def update_center_(center: torch.Tensor, teacher_logits: torch.Tensor, momentum:
             count *= torch.distributed.get_world_size()
         updated = center.to(acc) * momentum + batch_center.view(center.shape) * ((1.0 - momentum) / count)
         center.copy_(updated)
+
+
+
+def teacher_temp_schedule(warmup_teacher_temp: float, teacher_temp: float, warmup_epochs: int,
+                          n_epochs: int) -> tuple[float, ...]:
+    """The official teacher-temperature schedule (facebookresearch/dino ``DINOLoss``), one value per epoch:
+    ``numpy.linspace(warmup_teacher_temp, teacher_temp, warmup_epochs)``, then ``teacher_temp`` (a warm-up longer
+    than ``n_epochs`` is cut at ``n_epochs``)."""
+    schedule = np.concatenate((np.linspace(warmup_teacher_temp, teacher_temp, warmup_epochs),
+                               np.ones(max(n_epochs - warmup_epochs, 0)) * teacher_temp))
+    return tuple(float(t) for t in schedule[:n_epochs])
 
 
 class DINOLoss(nn.Module):
@@ -661,10 +612,8 @@ class DINOLoss(nn.Module):
         self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
-        # Exactly the official schedule (numpy linspace, then constant), one entry per epoch.
-        schedule = np.concatenate((np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
-                                   np.ones(n_epochs - warmup_teacher_temp_epochs) * teacher_temp))
-        self.teacher_temp_schedule = tuple(float(t) for t in schedule)
+        self.teacher_temp_schedule = teacher_temp_schedule(warmup_teacher_temp, teacher_temp,
+                                                           warmup_teacher_temp_epochs, n_epochs)
 
     def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int,
                 return_stats: bool = False) -> torch.Tensor | tuple[torch.Tensor, DINOLossStats]:

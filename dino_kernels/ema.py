@@ -194,7 +194,7 @@ def ema_(teacher: Iterable[torch.Tensor], student: Iterable[torch.Tensor], momen
     check_tensor_list("student", student)
     if not teacher and not student:
         return
-    if not tracing(*teacher, *student):  # addresses and strides are known only at run time
+    if not tracing(teacher[0] if teacher else student[0]):  # addresses and strides are known only at run time
         _check_pairs(teacher, student)
     with torch.no_grad():
         _ema_op(teacher, student, float(momentum))

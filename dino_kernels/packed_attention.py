@@ -37,18 +37,23 @@ rather than ``rowsum(dO * O)`` from the stored output. fp32, fp16, bf16 and fp64
 from __future__ import annotations
 
 import warnings
-from collections import OrderedDict
-from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
 from dino_kernels import reference
-from dino_kernels._aot import AOTKernel
-from dino_kernels._backend import debug_enabled, device_guard, resolve, triton_interpreting
+from dino_kernels._backend import (
+    accumulation_dtype,
+    debug_enabled,
+    get_backend,
+    resolve,
+    triton_interpreting,
+)
 from dino_kernels._extension import ops
-from dino_kernels._validation import FLOAT_DTYPES, check_ndim, check_positive, check_tensor
+from dino_kernels._launch import TritonKernel
+from dino_kernels._op import KernelOp, tracing
+from dino_kernels._validation import FLOAT_DTYPES, check_ndim, check_positive, check_same_device, check_tensor
 
 # Rows of a program's query block (forward) and of its key and query blocks (backward); also the block size of
 # the block table. 64 keeps a local crop (37-54 tokens) to one tile and pads a 197- or 257-token global crop to 256
@@ -59,22 +64,13 @@ BLOCK_N = 64
 # Tile of the backward loops (queries for dk/dv, keys for dq): smaller than BLOCK_M to pad a 197-token sequence to
 # 224 rather than 256 rows and to keep the (BLOCK_M, BLOCK_SLAB) score tiles small next to the dk/dv accumulators.
 BLOCK_SLAB = 32
+# The head dims with Triton kernels: one forward and one backward config each (below).
 HEAD_DIMS = (16, 32, 64, 128)
-# (num_warps, num_stages) per head dim. Forward D=128: two stages keep the fp32 variant within sm_80's shared memory.
-# Backward D=128: eight warps, as (64, 128) fp32 dk, dv accumulators and the K, V tiles stay in registers.
-FWD_LAUNCH = {16: (4, 3), 32: (4, 3), 64: (4, 3), 128: (4, 2)}
-BWD_LAUNCH = {16: (4, 2), 32: (4, 2), 64: (4, 2), 128: (8, 2)}
-# Sequences scanned per step by the single-program block-table builder.
-TABLE_SCAN = 1024
-TABLE_NUM_WARPS = 4
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 _LOG2E = 1.4426950408889634
-_CU_SEQLENS_CACHE: OrderedDict[tuple, tuple[torch.Tensor, int]] = OrderedDict()
-_CU_SEQLENS_CACHE_SIZE = 32
 
 
-# ------------------------------------------------------------------------------------------------- kernels
+# ---------------------------------------------------------------------------------------------- Triton kernels
 @triton.jit
 def _block_table_kernel(
     cu_seqlens,  # int32 (n_seqs + 1,)
@@ -121,6 +117,10 @@ def _block_table_kernel(
         tl.store(table + entry * 3 + 1, zero, mask=spare)
         tl.store(table + entry * 3 + 2, zero, mask=spare)
     tl.store(status, ok.to(tl.int32))
+
+
+# SCAN: sequences scanned per step by the single-program block-table builder.
+BLOCK_TABLE = TritonKernel(_block_table_kernel, {"BLOCK": BLOCK_M, "SCAN": 1024, "num_warps": 4})
 
 
 @triton.jit
@@ -197,6 +197,16 @@ def _attn_fwd_kernel(
              acc.to(Out.dtype.element_ty), mask=row_valid[:, None])
     lse = (m_i + tl.math.log2(l_i)) / 1.4426950408889634
     tl.store(LSE + head * total_tokens + rows, lse, mask=row_valid)
+
+
+# One config per head dim. D=128: two stages keep the fp32 variant within sm_80's shared memory.
+ATTN_FWD = TritonKernel(
+    _attn_fwd_kernel,
+    {"HEAD_DIM": 16, "BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "num_warps": 4, "num_stages": 3},
+    {"HEAD_DIM": 32, "BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "num_warps": 4, "num_stages": 3},
+    {"HEAD_DIM": 64, "BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "num_warps": 4, "num_stages": 3},
+    {"HEAD_DIM": 128, "BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "num_warps": 4, "num_stages": 2},
+)
 
 
 @triton.jit
@@ -327,47 +337,18 @@ def _attn_bwd_kernel(
                          seq_start, seq_end, block_start, sm_scale, qk_scale, HEAD_DIM, BLOCK, BLOCK_SLAB)
 
 
-def _fwd_signature(dtype: str) -> dict[str, str]:
-    strides = ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_ot",
-               "stride_oh")
-    return {"Q": f"*{dtype}", "K": f"*{dtype}", "V": f"*{dtype}", "Out": f"*{dtype}", "LSE": "*fp32", "table": "*i32",
-            **dict.fromkeys(strides, "i32"), "total_tokens": "i32", "qk_scale": "fp32",
-            "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}
+# One config per head dim. D=128: eight warps, as (64, 128) fp32 dk, dv accumulators and the K, V tiles stay in
+# registers.
+ATTN_BWD = TritonKernel(
+    _attn_bwd_kernel,
+    {"HEAD_DIM": 16, "BLOCK": BLOCK_M, "BLOCK_SLAB": BLOCK_SLAB, "num_warps": 4, "num_stages": 2},
+    {"HEAD_DIM": 32, "BLOCK": BLOCK_M, "BLOCK_SLAB": BLOCK_SLAB, "num_warps": 4, "num_stages": 2},
+    {"HEAD_DIM": 64, "BLOCK": BLOCK_M, "BLOCK_SLAB": BLOCK_SLAB, "num_warps": 4, "num_stages": 2},
+    {"HEAD_DIM": 128, "BLOCK": BLOCK_M, "BLOCK_SLAB": BLOCK_SLAB, "num_warps": 8, "num_stages": 2},
+)
 
 
-def _bwd_signature(dtype: str) -> dict[str, str]:
-    strides = ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_ot",
-               "stride_oh", "stride_dot", "stride_doh")
-    return {**{name: f"*{dtype}" for name in ("Q", "K", "V", "Out", "DO", "DQ", "DK", "DV")}, "LSE": "*fp32",
-            "table": "*i32", **dict.fromkeys(strides, "i32"), "total_tokens": "i32", "sm_scale": "fp32",
-            "HEAD_DIM": "constexpr", "BLOCK": "constexpr", "BLOCK_SLAB": "constexpr"}
-
-
-_AOT_DTYPES = ("fp16", "bf16", "fp32")
-
-AOT_KERNELS = [
-    AOTKernel(
-        _block_table_kernel,
-        signatures=({"cu_seqlens": "*i32", "table": "*i32", "status": "*i32", "n_seqs": "i32", "total_tokens": "i32",
-                     "max_seqlen": "i32", "table_size": "i32", "BLOCK": "constexpr", "SCAN": "constexpr"},),
-        configs=({"BLOCK": BLOCK_M, "SCAN": TABLE_SCAN, "num_warps": TABLE_NUM_WARPS},),
-    ),
-    AOTKernel(
-        _attn_fwd_kernel,
-        signatures=tuple(_fwd_signature(d) for d in _AOT_DTYPES),
-        configs=tuple({"HEAD_DIM": d, "BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "num_warps": FWD_LAUNCH[d][0],
-                       "num_stages": FWD_LAUNCH[d][1]} for d in HEAD_DIMS),
-    ),
-    AOTKernel(
-        _attn_bwd_kernel,
-        signatures=tuple(_bwd_signature(d) for d in _AOT_DTYPES),
-        configs=tuple({"HEAD_DIM": d, "BLOCK": BLOCK_M, "BLOCK_SLAB": BLOCK_SLAB, "num_warps": BWD_LAUNCH[d][0],
-                       "num_stages": BWD_LAUNCH[d][1]} for d in HEAD_DIMS),
-    ),
-]
-
-
-# ------------------------------------------------------------------------------------------------ launchers
+# ------------------------------------------------------------------------------------------------- launchers
 def _table_size(total_tokens: int, n_seqs: int, max_seqlen: int) -> int:
     """Upper bound of sum_s cdiv(n_s, BLOCK_M) from shapes alone: at most cdiv(max_seqlen, BLOCK_M) blocks per
     sequence, and, since cdiv(n, B) < n / B + 1 for every non-empty sequence, at most cdiv(T, B) + min(N, T)."""
@@ -375,53 +356,54 @@ def _table_size(total_tokens: int, n_seqs: int, max_seqlen: int) -> int:
     return min(per_sequence, triton.cdiv(total_tokens, BLOCK_M) + min(n_seqs, total_tokens))
 
 
-def _block_table(cu_seqlens: torch.Tensor, total_tokens: int, max_seqlen: int) -> torch.Tensor:
-    """The device-side block table; asserts on the device (no host sync) that cu_seqlens is valid."""
+def _block_table_triton(cu_seqlens: torch.Tensor, total_tokens: int,
+                        max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The device-side block table and its status (int32 ``(1,)``, 1 when cu_seqlens is valid); on CUDA, asserts
+    on the device (no host sync) that cu_seqlens is valid."""
     n_seqs = cu_seqlens.numel() - 1
     size = _table_size(total_tokens, n_seqs, max_seqlen)
     table = torch.empty((size, 3), dtype=torch.int32, device=cu_seqlens.device)
     status = torch.empty(1, dtype=torch.int32, device=cu_seqlens.device)
-    with device_guard(cu_seqlens.device):
-        _block_table_kernel[(1,)](cu_seqlens, table, status, n_seqs, total_tokens, max_seqlen, size,
-                                  BLOCK=BLOCK_M, SCAN=TABLE_SCAN, num_warps=TABLE_NUM_WARPS)
-    torch._assert_async(status, "packed_attention: invalid cu_seqlens (must start at 0, be non-decreasing and end "
-                                "at T, with every length <= max_seqlen); set DINO_KERNELS_DEBUG=1 for a precise error")
-    return table
-
-
-def _check_triton_inputs(q: torch.Tensor) -> None:
-    if q.dtype not in TRITON_DTYPES:
-        raise TypeError(f"packed_attention: the Triton kernels take float32, float16 or bfloat16; got {q.dtype}. "
-                        "Use the 'cpu' or 'reference' backend for float64")
-    if q.dtype == torch.bfloat16 and triton_interpreting():
-        raise TypeError("packed_attention: bfloat16 is broken in the Triton interpreter (TRITON_INTERPRET=1); use "
-                        "float16/float32 there, or the 'cpu' backend")
+    BLOCK_TABLE.launch((1,), BLOCK_TABLE.configs[0], cu_seqlens=cu_seqlens, table=table, status=status,
+                       n_seqs=n_seqs, total_tokens=total_tokens, max_seqlen=max_seqlen, table_size=size)
+    # CUDA only: packed_attention() checks the values of CPU tensors' cu_seqlens on the host before dispatch, while
+    # CUDA ones skip that check (it would cost a host sync) unless DINO_KERNELS_DEBUG=1. On CPU, aot_examples()
+    # records this launch without running it, so `status` is never written there.
+    if cu_seqlens.is_cuda:
+        torch._assert_async(status, "packed_attention: invalid cu_seqlens (must start at 0, be non-decreasing and "
+                                    "end at T, with every length <= max_seqlen); set DINO_KERNELS_DEBUG=1 for a "
+                                    "precise error")
+    return table, status
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _fwd_triton(q, k, v, cu_seqlens, max_seqlen, scale):
-    _check_triton_inputs(q)
+# The launchers pick the declared config of the head dim.
+_FWD_CONFIG = {config["HEAD_DIM"]: config for config in ATTN_FWD.configs}
+_BWD_CONFIG = {config["HEAD_DIM"]: config for config in ATTN_BWD.configs}
+
+
+def _attn_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     total, heads, dim = q.shape
     out = torch.empty((total, heads, dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((heads, total), dtype=torch.float32, device=q.device)
     if total == 0:
         return out, lse
-    table = _block_table(cu_seqlens, total, max_seqlen)
-    num_warps, num_stages = FWD_LAUNCH[dim]
-    with device_guard(q.device):
-        _attn_fwd_kernel[(table.shape[0], heads)](
-            q, k, v, out, lse, table, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            out.stride(0), out.stride(1), total, scale * _LOG2E,
-            HEAD_DIM=dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps, num_stages=num_stages)
+    table, _ = _block_table_triton(cu_seqlens, total, max_seqlen)
+    ATTN_FWD.launch((table.shape[0], heads), _FWD_CONFIG[dim], Q=q, K=k, V=v, Out=out, LSE=lse, table=table,
+                    stride_qt=q.stride(0), stride_qh=q.stride(1), stride_kt=k.stride(0), stride_kh=k.stride(1),
+                    stride_vt=v.stride(0), stride_vh=v.stride(1), stride_ot=out.stride(0), stride_oh=out.stride(1),
+                    total_tokens=total, qk_scale=scale * _LOG2E)
     return out, lse
 
 
-def _bwd_triton(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, scale):
-    _check_triton_inputs(q)
+def _attn_bwd_triton(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                     lse: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                     scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     grad_out, q, k, v = (_last_dim_contiguous(t) for t in (grad_out, q, k, v))
     total, heads, dim = q.shape
     # One layout for O and the three gradients: the kernel addresses them with O's strides.
@@ -429,34 +411,101 @@ def _bwd_triton(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, scale):
     dq, dk, dv = (torch.empty((total, heads, dim), dtype=q.dtype, device=q.device) for _ in range(3))
     if total == 0:
         return dq, dk, dv
-    table = _block_table(cu_seqlens, total, max_seqlen)
-    num_warps, num_stages = BWD_LAUNCH[dim]
-    with device_guard(q.device):
-        _attn_bwd_kernel[(table.shape[0], heads)](
-            q, k, v, out, grad_out, dq, dk, dv, lse.contiguous(), table,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-            grad_out.stride(0), grad_out.stride(1), total, scale,
-            HEAD_DIM=dim, BLOCK=BLOCK_M, BLOCK_SLAB=BLOCK_SLAB, num_warps=num_warps, num_stages=num_stages)
+    table, _ = _block_table_triton(cu_seqlens, total, max_seqlen)
+    ATTN_BWD.launch((table.shape[0], heads), _BWD_CONFIG[dim], Q=q, K=k, V=v, Out=out, DO=grad_out, DQ=dq, DK=dk,
+                    DV=dv, LSE=lse.contiguous(), table=table, stride_qt=q.stride(0), stride_qh=q.stride(1),
+                    stride_kt=k.stride(0), stride_kh=k.stride(1), stride_vt=v.stride(0), stride_vh=v.stride(1),
+                    stride_ot=out.stride(0), stride_oh=out.stride(1), stride_dot=grad_out.stride(0),
+                    stride_doh=grad_out.stride(1), total_tokens=total, sm_scale=scale)
     return dq, dk, dv
 
 
-# ---------------------------------------------------------------------------------------------- CPU path
-def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def aot_examples() -> None:
+    """Forward and backward (each with its block table) for every head dim in fp16, bf16 and fp32."""
+    cu_seqlens = torch.tensor([0, 2], dtype=torch.int32)
+    lse = torch.zeros(1, 2)
+    for dim in HEAD_DIMS:
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            x = torch.zeros(2, 1, dim, dtype=dtype)
+            _attn_fwd_triton(x, x, x, cu_seqlens, 2, 1.0)
+            _attn_bwd_triton(x, x, x, x, x, lse, cu_seqlens, 2, 1.0)
 
 
-def _fwd_cpu(q, k, v, cu_seqlens, scale):
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    return ops().packed_attention_fwd_cpu(q, k, v, cu_seqlens, scale)
+# ------------------------------------------------------------------------------------------------ dispatch
+def _resolve(q: torch.Tensor) -> str:
+    """The implementation for q's device, dtype and head dim: ``reference``, ``cpu`` or ``triton`` (which is also
+    what the ``cuda`` backend runs)."""
+    impl = resolve(q.device, "packed_attention", q.dtype, cuda_runs_triton=True)
+    if impl in ("reference", "cpu"):
+        return impl
+    if q.shape[-1] not in HEAD_DIMS:
+        warnings.warn(f"packed_attention: head dim {q.shape[-1]} has no Triton kernel (head dims {HEAD_DIMS}); "
+                      "falling back to the plain-PyTorch reference, which syncs with the host and is slow",
+                      stacklevel=3)
+        return "reference"
+    if q.dtype == torch.bfloat16 and triton_interpreting():
+        raise TypeError("packed_attention: bfloat16 is broken in the Triton interpreter (TRITON_INTERPRET=1); use "
+                        "float16/float32 there, or the 'cpu' backend")
+    return "triton"
 
 
-def _bwd_cpu(grad_out, q, k, v, out, lse, cu_seqlens, scale):
-    # `out` is not needed: the kernel takes delta = rowsum(dO * O) as rowsum(P * dP) from the recomputed P.
-    grad_out, q, k, v = (_last_dim_contiguous(t) for t in (grad_out, q, k, v))
-    return ops().packed_attention_bwd_cpu(grad_out, q, k, v, lse, cu_seqlens, scale)
+def _packed_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                              max_seqlen: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    impl = _resolve(q)
+    if impl == "reference":
+        return (reference.packed_attention(q, k, v, cu_seqlens, scale),
+                reference.packed_attention_lse(q, k, cu_seqlens, scale).to(accumulation_dtype(q)))
+    if impl == "cpu":
+        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+        return ops().packed_attention_fwd_cpu(q, k, v, cu_seqlens, scale)
+    return _attn_fwd_triton(q, k, v, cu_seqlens, max_seqlen, scale)
 
 
-# ---------------------------------------------------------------------------------------------- dispatch
+def _packed_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               out: torch.Tensor, lse: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                               scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    impl = _resolve(q)
+    if impl == "reference":
+        return reference.packed_attention_backward(grad_out, q, k, v, cu_seqlens, scale)
+    if impl == "cpu":
+        # `out` is not needed: the kernel takes delta = rowsum(dO * O) as rowsum(P * dP) from the recomputed P.
+        grad_out, q, k, v = (_last_dim_contiguous(t) for t in (grad_out, q, k, v))
+        return ops().packed_attention_bwd_cpu(grad_out, q, k, v, lse, cu_seqlens, scale)
+    return _attn_bwd_triton(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, scale)
+
+
+# ----------------------------------------------------------------------------------------------- registered op
+def _packed_attention_fwd_fake(q, k, v, cu_seqlens, max_seqlen, scale):
+    total, heads, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((heads, total), dtype=accumulation_dtype(q))
+
+
+def _packed_attention_bwd_fake(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _packed_attention_setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, max_seqlen, scale = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+    ctx.max_seqlen, ctx.scale = max_seqlen, scale
+
+
+def _packed_attention_vjp(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = _packed_attention_bwd_op(grad_out, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
+_packed_attention_bwd_op = KernelOp("packed_attention_bwd", _packed_attention_backward,
+                                    fake=_packed_attention_bwd_fake)
+_packed_attention_fwd_op = KernelOp("packed_attention_fwd", _packed_attention_forward,
+                                    fake=_packed_attention_fwd_fake, setup_context=_packed_attention_setup_context,
+                                    backward=_packed_attention_vjp)
+
+
+# ------------------------------------------------------------------------------------------------- public API
 def _check_cu_seqlens_values(cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> None:
     bounds = cu_seqlens.tolist()
     if bounds[0] != 0:
@@ -474,94 +523,6 @@ def _check_cu_seqlens_values(cu_seqlens: torch.Tensor, total: int, max_seqlen: i
                          f"{lengths.index(longest)} has {longest} tokens")
 
 
-def _resolve(q, cu_seqlens, max_seqlen) -> str:
-    impl = resolve(q.device, "packed_attention")
-    # Values are free to check on the host; on CUDA only in debug mode (the block table asserts on the device).
-    if q.device.type == "cpu" or impl == "reference" or debug_enabled():
-        _check_cu_seqlens_values(cu_seqlens, q.shape[0], max_seqlen)
-    if impl in ("cuda", "triton") and q.shape[-1] not in HEAD_DIMS:
-        warnings.warn(f"packed_attention: head dim {q.shape[-1]} has no Triton kernel (head dims {HEAD_DIMS}); "
-                      "falling back to the plain-PyTorch reference, which syncs with the host and is slow",
-                      stacklevel=3)
-        return "reference"
-    return impl
-
-
-def _fwd(q, k, v, cu_seqlens, max_seqlen, scale):
-    impl = _resolve(q, cu_seqlens, max_seqlen)
-    if impl == "reference":
-        return (reference.packed_attention(q, k, v, cu_seqlens, scale),
-                reference.packed_attention_lse(q, k, cu_seqlens, scale).to(_lse_dtype(q.dtype)))
-    if impl == "cpu":
-        return _fwd_cpu(q, k, v, cu_seqlens, scale)
-    return _fwd_triton(q, k, v, cu_seqlens, max_seqlen, scale)
-
-
-def _bwd(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, scale):
-    impl = _resolve(q, cu_seqlens, max_seqlen)
-    if impl == "reference":
-        return reference.packed_attention_backward(grad_out, q, k, v, cu_seqlens, scale)
-    if impl == "cpu":
-        return _bwd_cpu(grad_out, q, k, v, out, lse, cu_seqlens, scale)
-    return _bwd_triton(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, scale)
-
-
-# ---------------------------------------------------------------------------------------- registered ops
-@torch.library.custom_op("dino_kernels::packed_attention_fwd", mutates_args=(), device_types="cpu")
-def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-            scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return _fwd(q, k, v, cu_seqlens, max_seqlen, scale)
-
-
-@_fwd_op.register_kernel("cuda")
-def _fwd_op_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return _fwd(q, k, v, cu_seqlens, max_seqlen, scale)
-
-
-@_fwd_op.register_fake
-def _fwd_op_fake(q, k, v, cu_seqlens, max_seqlen, scale):
-    total, heads, _ = q.shape
-    return q.new_empty(q.shape), q.new_empty((heads, total), dtype=_lse_dtype(q.dtype))
-
-
-@torch.library.custom_op("dino_kernels::packed_attention_bwd", mutates_args=(), device_types="cpu")
-def _bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-            lse: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-            scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _bwd(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, scale)
-
-
-@_bwd_op.register_kernel("cuda")
-def _bwd_op_cuda(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                 lse: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-                 scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _bwd(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, scale)
-
-
-@_bwd_op.register_fake
-def _bwd_op_fake(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, scale):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens, max_seqlen, scale = inputs
-    out, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
-    ctx.max_seqlen, ctx.scale = max_seqlen, scale
-
-
-def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
-    dq, dk, dv = _bwd_op(grad_out, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.scale)
-    return dq, dk, dv, None, None, None
-
-
-_fwd_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-# ------------------------------------------------------------------------------------------- public API
 def _check_inputs(q, k, v, cu_seqlens, max_seqlen) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t)
@@ -573,15 +534,12 @@ def _check_inputs(q, k, v, cu_seqlens, max_seqlen) -> None:
             raise ValueError(f"{name} must have the shape of q, {tuple(q.shape)}; got {tuple(t.shape)}")
         if t.dtype != q.dtype:
             raise TypeError(f"{name} must have the dtype of q, {q.dtype}; got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; all must be on one device")
     check_tensor("cu_seqlens", cu_seqlens)
     if cu_seqlens.dtype != torch.int32:
         raise TypeError(f"cu_seqlens must have dtype int32; got {cu_seqlens.dtype}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError(f"cu_seqlens must be 1-d (N + 1,) with N >= 1 sequences; got shape {tuple(cu_seqlens.shape)}")
-    if cu_seqlens.device != q.device:
-        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}; all must be on one device")
+    check_same_device(q=q, k=k, v=v, cu_seqlens=cu_seqlens)
     if not isinstance(max_seqlen, int) or isinstance(max_seqlen, bool):
         raise TypeError(f"max_seqlen must be a Python int, got {type(max_seqlen).__name__}")
     n_seqs, total = cu_seqlens.numel() - 1, q.shape[0]
@@ -589,6 +547,11 @@ def _check_inputs(q, k, v, cu_seqlens, max_seqlen) -> None:
     if max_seqlen < 1 or max_seqlen * n_seqs < total:
         raise ValueError(f"max_seqlen must be >= 1 and bound every sequence length; got {max_seqlen} for T = {total} "
                          f"tokens in N = {n_seqs} sequences")
+    # Values are free to check on CPU; on CUDA under the reference (which syncs anyway) or in debug mode, else the
+    # block table asserts on the device; never while tracing, where tensors have no values (the kernels' own guards
+    # remain).
+    if not tracing(q) and (q.device.type == "cpu" or get_backend() == "reference" or debug_enabled()):
+        _check_cu_seqlens_values(cu_seqlens, total, max_seqlen)
 
 
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
@@ -599,7 +562,8 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         q, k, v: ``(T, H, D)``, one dtype (float32, float16, bfloat16; float64 on CPU) and device; views such as
             ``qkv.unbind(1)`` of a ``(T, 3, H, D)`` projection are read in place.
         cu_seqlens: int32 ``(N + 1,)`` on the same device, ``cu_seqlens[0] = 0``, non-decreasing,
-            ``cu_seqlens[N] = T``: sequence ``i`` is tokens ``cu_seqlens[i]:cu_seqlens[i + 1]`` (see :func:`pack`).
+            ``cu_seqlens[N] = T``: sequence ``i`` is tokens ``cu_seqlens[i]:cu_seqlens[i + 1]`` (see
+            :func:`~dino_kernels.pack`).
         max_seqlen: a Python int bounding every sequence length (an upper bound is fine; no ``.item()``).
         scale: softmax scale, default ``D ** -0.5``.
 
@@ -616,5 +580,5 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    out, _ = _fwd_op(q, k, v, cu_seqlens, max_seqlen, float(scale))
+    out, _ = _packed_attention_fwd_op(q, k, v, cu_seqlens, max_seqlen, float(scale))
     return out

@@ -26,14 +26,15 @@ def _check_crops(xs: Sequence[torch.Tensor]) -> None:
 @functools.lru_cache(maxsize=32)
 def cu_seqlens_for(shapes: tuple[tuple[int, int], ...], device: torch.device) -> tuple[torch.Tensor, int]:
     """(cu_seqlens, max_seqlen) of B_i sequences of N_i tokens per group ``(B_i, N_i)``, built once per (shapes,
-    device); shared with the multi-crop stochastic depth, which packs its kept crops the same way."""
+    device); shared by :func:`pack` and the multi-crop :func:`~dino_kernels.drop_add_residual`, which packs its kept
+    crops the same way."""
     lengths = [n for b, n in shapes for _ in range(b)]
     bounds = [0, *torch.tensor(lengths, dtype=torch.int64).cumsum(0).tolist()]
     return torch.tensor(bounds, dtype=torch.int32).to(device), max(n for _, n in shapes)
 
 
 def pack(xs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Concatenate crop groups into one packed token sequence for :func:`packed_attention`.
+    """Concatenate crop groups into one packed token sequence for :func:`~dino_kernels.packed_attention`.
 
     Args:
         xs: crop groups ``(B_i, N_i, D)`` (e.g. the 2 global crops ``(2B, 197, D)`` and the local ones

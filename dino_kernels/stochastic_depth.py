@@ -27,9 +27,9 @@ would sync every call. Inside the kernels such rows can never be reached anyway 
 segments only cover ``[0, B)``), so no read or write ever leaves the tensors, also under ``torch.compile`` where the
 value checks are skipped.
 
-Registration: ``dino_kernels::scaled_index_add``, ``::index_select_cat`` and their backward ops are custom ops with
-fakes and autograd, which is what ``torch.compile`` sees; eager calls run the same impls through
-``torch.autograd.Function`` twins that skip the custom-op wrapper's per-call cost.
+Registration: ``dino_kernels::scaled_index_add``, ``::index_select_cat`` and their backward ops are
+:class:`~dino_kernels._op.KernelOp` s with fakes and autograd, which is what ``torch.compile`` sees; eager calls run
+the same functions without the custom-op wrapper's per-call cost.
 
 CPU (``auto`` on CPU tensors): ``torch.index_select`` / ``index_add_`` in fp32 math (fp64 for fp64); the branch
 dominates a block's time there, so a C++ kernel would not pay. float64 on CUDA takes the same torch path.
@@ -38,6 +38,7 @@ dominates a block's time there, so a C++ kernel would not pay. float64 on CUDA t
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Callable, Sequence
 
@@ -46,24 +47,24 @@ import triton
 import triton.language as tl
 
 from dino_kernels import reference
-from dino_kernels._aot import AOTKernel
-from dino_kernels._backend import DEBUG_ENV_VAR, debug_enabled, device_guard, resolve
-from dino_kernels._validation import check_floating, check_same_device, check_tensor
+from dino_kernels._backend import DEBUG_ENV_VAR, TRITON_DTYPES, accumulation_dtype, debug_enabled, resolve
+from dino_kernels._launch import TritonKernel
+from dino_kernels._op import KernelOp, tracing
+from dino_kernels._validation import check_float, check_floating, check_same_device, check_tensor
 from dino_kernels.packing import cu_seqlens_for
 
-# Program tiles. ROWS: 32 tokens x 128 features (4096 elements, 32 per thread); FLAT: a whole 1024-feature
-# stretch of one token, for rows of at most FLAT_MAX_M tokens (e.g. (B, D) inputs) where a 32-token tile would idle.
+# Program tiles, the two launch configs of both kernels. ROWS: 32 tokens x 128 features (4096 elements, 32 per
+# thread); FLAT: a whole 1024-feature stretch of one token, for rows of at most FLAT_MAX_M tokens (e.g. (B, D)
+# inputs) where a 32-token tile would idle.
 ROWS_CONFIG = {"BLOCK_M": 32, "BLOCK_D": 128, "num_warps": 4}
 FLAT_CONFIG = {"BLOCK_M": 1, "BLOCK_D": 1024, "num_warps": 4}
-TILE_CONFIGS = (ROWS_CONFIG, FLAT_CONFIG)
 FLAT_MAX_M = 4
 # Without a LayerScale vector the split of a row into (M, D) is free: D = gcd(row width, FREE_D) gives long
 # contiguous, 16-byte-aligned stretches whenever the width has a power-of-two factor (e.g. DINOv2's flatten(1) rows).
 FREE_D = 1024
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_TRITON_TYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
+# ---------------------------------------------------------------------------------------------- Triton kernels
 @triton.jit
 def _tile(pid, n_m_blocks, n_d_blocks, M, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Row, tile offsets inside the row, tile mask and (row, m-block) number of program ``pid``."""
@@ -114,6 +115,9 @@ def _gather_rows_kernel(
         tl.store(partial + row_block.to(tl.int64) * D + offs_d, tl.sum(gathered * o, axis=0), mask=offs_d < D)
 
 
+GATHER = TritonKernel(_gather_rows_kernel, ROWS_CONFIG, FLAT_CONFIG)
+
+
 @triton.jit
 def _index_add_rows_kernel(
     x,  # (B, M, D): copied to out, read when HAS_X (else out starts from zeros)
@@ -149,41 +153,10 @@ def _index_add_rows_kernel(
     tl.store(out + b.to(tl.int64) * row_numel + tile, result.to(out.dtype.element_ty), mask=mask)
 
 
-def _gather_signature(dtype: str, index: str) -> dict[str, str]:
-    return {"src": f"*{dtype}", "index": f"*{index}", "out": f"*{dtype}", "scaling": "*fp32", "other": f"*{dtype}",
-            "partial": "*fp32", "alpha": "fp32", "n_src": "i32", "M": "i32", "D": "i32", "n_m_blocks": "i32",
-            "n_d_blocks": "i32", "HAS_SCALING": "constexpr", "WITH_PRODUCT": "constexpr", "BLOCK_M": "constexpr",
-            "BLOCK_D": "constexpr"}
+INDEX_ADD = TritonKernel(_index_add_rows_kernel, ROWS_CONFIG, FLAT_CONFIG)
 
 
-def _index_add_signature(dtype: str) -> dict[str, str]:
-    return {"x": f"*{dtype}", "src": f"*{dtype}", "out": f"*{dtype}", "scaling": "*fp32", "seg_start": "*i64",
-            "seg_rows": "*i64", "alpha": "fp32", "M": "i32", "D": "i32", "n_m_blocks": "i32", "n_d_blocks": "i32",
-            "HAS_X": "constexpr", "HAS_SCALING": "constexpr", "BLOCK_M": "constexpr", "BLOCK_D": "constexpr"}
-
-
-# The variants the launchers use: gather (plain | scaled | scaled with the product for grad scaling); index-add
-# (x + src | x + scaled src | zeros + src for the gather's backward).
-_GATHER_VARIANTS = ({"HAS_SCALING": False, "WITH_PRODUCT": False}, {"HAS_SCALING": True, "WITH_PRODUCT": False},
-                    {"HAS_SCALING": True, "WITH_PRODUCT": True})
-_INDEX_ADD_VARIANTS = ({"HAS_X": True, "HAS_SCALING": False}, {"HAS_X": True, "HAS_SCALING": True},
-                       {"HAS_X": False, "HAS_SCALING": False})
-
-AOT_KERNELS = [
-    AOTKernel(
-        _gather_rows_kernel,
-        signatures=tuple(_gather_signature(d, i) for d in _TRITON_TYPE.values() for i in ("i64", "i32")),
-        configs=tuple({**v, **c} for v in _GATHER_VARIANTS for c in TILE_CONFIGS),
-    ),
-    AOTKernel(
-        _index_add_rows_kernel,
-        signatures=tuple(_index_add_signature(d) for d in _TRITON_TYPE.values()),
-        configs=tuple({**v, **c} for v in _INDEX_ADD_VARIANTS for c in TILE_CONFIGS),
-    ),
-]
-
-
-# ------------------------------------------------------------------------------------------------ launchers
+# ------------------------------------------------------------------------------------------------- launchers
 def _row_shape(row_numel: int, width: int | None) -> tuple[int, int]:
     """(M, D) of a row of ``row_numel`` elements: D is the LayerScale width when there is one, else free."""
     d = width if width is not None else math.gcd(row_numel, FREE_D)
@@ -197,32 +170,6 @@ def _tile_config(m: int) -> dict[str, int]:
 def _grid(rows: int, m: int, d: int, config: dict[str, int]) -> tuple[int, int, int]:
     n_m_blocks, n_d_blocks = triton.cdiv(m, config["BLOCK_M"]), triton.cdiv(d, config["BLOCK_D"])
     return rows * n_m_blocks * n_d_blocks, n_m_blocks, n_d_blocks
-
-
-def _check_triton_dtype(op: str, dtype: torch.dtype) -> None:
-    if dtype not in TRITON_DTYPES:
-        raise TypeError(f"{op}: the triton backend takes float32/float16/bfloat16 tensors; got {dtype}. "
-                        "Use the 'auto' or 'cpu' backend for float64")
-
-
-def _gather_triton(src: torch.Tensor, index: torch.Tensor, out: torch.Tensor, alpha: float,
-                   scaling: torch.Tensor | None, other: torch.Tensor | None) -> torch.Tensor | None:
-    """``out[j] = alpha * scaling * src[index[j]]`` for rows of ``src.shape[1:]``; with ``other``, also returns the
-    fp32 (D,) sum over every row and token of ``src[index[j]] * other[j]`` (the gradient of ``scaling``)."""
-    n, row_numel = index.shape[0], math.prod(src.shape[1:])
-    if n == 0 or row_numel == 0:
-        width = scaling.shape[0] if scaling is not None else 0
-        return None if other is None else torch.zeros(width, dtype=torch.float32, device=src.device)
-    m, d = _row_shape(row_numel, scaling.shape[0] if scaling is not None else None)
-    config = _tile_config(m)
-    programs, n_m_blocks, n_d_blocks = _grid(n, m, d, config)
-    partial = torch.empty((n * n_m_blocks, d) if other is not None else (1,), dtype=torch.float32, device=src.device)
-    with device_guard(src.device):
-        _gather_rows_kernel[(programs,)](
-            src, index.contiguous(), out, scaling if scaling is not None else partial,
-            other if other is not None else out, partial, alpha, src.shape[0], m, d, n_m_blocks, n_d_blocks,
-            HAS_SCALING=scaling is not None, WITH_PRODUCT=other is not None, **config)
-    return partial.sum(0) if other is not None else None
 
 
 @functools.lru_cache(maxsize=64)
@@ -244,6 +191,35 @@ def _segments(index: torch.Tensor | None, rows: int, device: torch.device) -> tu
     return torch.searchsorted(targets, _row_boundaries(rows, index.dtype, device)), seg_rows
 
 
+@functools.lru_cache(maxsize=8)
+def _placeholder(device: torch.device) -> torch.Tensor:
+    """fp32 stand-in for the scaling pointer of a launch without LayerScale (never read: HAS_SCALING is off)."""
+    return torch.zeros(1, dtype=torch.float32, device=device)
+
+
+def _scaling_fp32(scaling: torch.Tensor | None) -> torch.Tensor | None:
+    return None if scaling is None else scaling.detach().to(torch.float32).contiguous()
+
+
+def _gather_triton(src: torch.Tensor, index: torch.Tensor, out: torch.Tensor, alpha: float,
+                   scaling: torch.Tensor | None, other: torch.Tensor | None) -> torch.Tensor | None:
+    """``out[j] = alpha * scaling * src[index[j]]`` for rows of ``src.shape[1:]``; with ``other``, also returns the
+    fp32 (D,) sum over every row and token of ``src[index[j]] * other[j]`` (the gradient of ``scaling``)."""
+    n, row_numel = index.shape[0], math.prod(src.shape[1:])
+    if n == 0 or row_numel == 0:
+        width = scaling.shape[0] if scaling is not None else 0
+        return None if other is None else torch.zeros(width, dtype=torch.float32, device=src.device)
+    m, d = _row_shape(row_numel, scaling.shape[0] if scaling is not None else None)
+    config = _tile_config(m)
+    programs, n_m_blocks, n_d_blocks = _grid(n, m, d, config)
+    partial = torch.empty((n * n_m_blocks, d) if other is not None else (1,), dtype=torch.float32, device=src.device)
+    GATHER.launch((programs,), config, src=src, index=index.contiguous(), out=out,
+                  scaling=scaling if scaling is not None else partial, other=other if other is not None else out,
+                  partial=partial, alpha=alpha, n_src=src.shape[0], M=m, D=d, n_m_blocks=n_m_blocks,
+                  n_d_blocks=n_d_blocks, HAS_SCALING=scaling is not None, WITH_PRODUCT=other is not None)
+    return partial.sum(0) if other is not None else None
+
+
 def _index_add_triton(x: torch.Tensor | None, index: torch.Tensor | None, src: torch.Tensor, out: torch.Tensor,
                       alpha: float, scaling: torch.Tensor | None) -> None:
     """``out = x + alpha * scaling * (sum of src rows per index target)``; zeros instead of ``x`` when it is None."""
@@ -254,174 +230,71 @@ def _index_add_triton(x: torch.Tensor | None, index: torch.Tensor | None, src: t
     config = _tile_config(m)
     programs, n_m_blocks, n_d_blocks = _grid(rows, m, d, config)
     seg_start, seg_rows = _segments(index, rows, out.device)
-    with device_guard(out.device):
-        _index_add_rows_kernel[(programs,)](
-            x if x is not None else out, src, out, scaling if scaling is not None else _placeholder(out.device),
-            seg_start, seg_rows, alpha, m, d, n_m_blocks, n_d_blocks, HAS_X=x is not None,
-            HAS_SCALING=scaling is not None, **config)
+    INDEX_ADD.launch((programs,), config, x=x if x is not None else out, src=src, out=out,
+                     scaling=scaling if scaling is not None else _placeholder(out.device), seg_start=seg_start,
+                     seg_rows=seg_rows, alpha=alpha, M=m, D=d, n_m_blocks=n_m_blocks, n_d_blocks=n_d_blocks,
+                     HAS_X=x is not None, HAS_SCALING=scaling is not None)
 
 
-@functools.lru_cache(maxsize=8)
-def _placeholder(device: torch.device) -> torch.Tensor:
-    """fp32 stand-in for the scaling pointer of a launch without LayerScale (never read: HAS_SCALING is off)."""
-    return torch.zeros(1, dtype=torch.float32, device=device)
+def aot_examples() -> None:
+    """Every launch the dispatch functions make, per dtype (and user index dtype) and tile config: the gather plain
+    (index_select_cat, grad of src), scaled (grad of src with LayerScale) and with the product (and the grad of the
+    LayerScale); the index-add of x + src, of x + scaled src (scaled_index_add) and of zeros + src (the gather's
+    backward). Rows of 1 token take the flat tile, rows of 5 tokens the 32-token one."""
+    for dtype, tokens in itertools.product(TRITON_DTYPES, (1, 5)):
+        x, src, scaling = torch.empty(3, tokens, 8, dtype=dtype), torch.empty(2, tokens, 8, dtype=dtype), torch.empty(8)
+        for index_dtype in (torch.int64, torch.int32):
+            index = torch.tensor([2, 0], dtype=index_dtype)
+            for with_scaling, other in ((None, None), (scaling, None), (scaling, src)):
+                _gather_triton(x, index, src, 1.0, with_scaling, other)
+            for with_x, with_scaling in ((x, None), (x, scaling), (None, None)):
+                _index_add_triton(with_x, index, src, torch.empty_like(x), 1.0, with_scaling)
 
 
-def _implementation(device: torch.device, op: str, dtype: torch.dtype) -> str:
-    """resolve(), plus float64 on CUDA under ``auto``/``cuda``: the torch path (Triton has no fp64 tiles here)."""
-    impl = resolve(device, op)
-    if impl == "triton":
-        _check_triton_dtype(op, dtype)
-    if impl == "cuda" and dtype not in TRITON_DTYPES:
-        return "cpu"
-    return impl
-
-
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _scaling_fp32(scaling: torch.Tensor | None) -> torch.Tensor | None:
-    return None if scaling is None else scaling.detach().to(torch.float32).contiguous()
-
-
-# ------------------------------------------------------------------------------------ scaled_index_add ops
-def _scaled_index_add_impl(x: torch.Tensor, index: torch.Tensor | None, src: torch.Tensor,
-                           scaling: torch.Tensor | None, alpha: float) -> torch.Tensor:
-    impl = _implementation(x.device, "scaled_index_add", x.dtype)
-    if index is None and impl in ("reference", "cpu"):
-        index = _identity(x.shape[0], x.device)
+# ------------------------------------------------------------------------------------------------ dispatch
+# Triton serves the `cuda` and `triton` backends for fp32/fp16/bf16 (resolve() refuses float64 for `triton`); every
+# other case takes the torch path: index_select / index_add_ in fp32 math (fp64 for fp64), float64 on CUDA included.
+def _scaled_index_add_forward(x: torch.Tensor, index: torch.Tensor | None, src: torch.Tensor,
+                              scaling: torch.Tensor | None, alpha: float) -> torch.Tensor:
+    """``index`` None is the identity (src has x's rows): eval mode and batches that keep every sample."""
+    impl = resolve(x.device, "scaled_index_add", x.dtype)
+    if impl in ("cuda", "triton") and x.dtype in TRITON_DTYPES:
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        _index_add_triton(x.contiguous(), index, src.contiguous(), out, alpha, _scaling_fp32(scaling))
+        return out
+    index = index if index is not None else _identity(x.shape[0], x.device)
     if impl == "reference":
         return reference.scaled_index_add(x, index, src, alpha=alpha, scaling=scaling).contiguous()
-    if impl == "cpu":
-        acc = _accumulation_dtype(x.dtype)
-        update = src.to(acc) if scaling is None else src.to(acc) * scaling.to(acc)
-        out = x.to(acc, memory_format=torch.contiguous_format, copy=True)
-        return out.index_add_(0, index, update, alpha=alpha).to(x.dtype)
-    out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    _index_add_triton(x.contiguous(), index, src.contiguous(), out, alpha, _scaling_fp32(scaling))
-    return out
+    acc = accumulation_dtype(x)
+    update = src.to(acc) if scaling is None else src.to(acc) * scaling.to(acc)
+    out = x.to(acc, memory_format=torch.contiguous_format, copy=True)
+    return out.index_add_(0, index, update, alpha=alpha).to(x.dtype)
 
 
-@torch.library.custom_op("dino_kernels::scaled_index_add", mutates_args=(), device_types="cpu")
-def _scaled_index_add_op(x: torch.Tensor, index: torch.Tensor | None, src: torch.Tensor,
-                         scaling: torch.Tensor | None, alpha: float) -> torch.Tensor:
-    """``index`` None is the identity (src has x's rows): eval mode and batches that keep every sample."""
-    return _scaled_index_add_impl(x, index, src, scaling, alpha)
-
-
-@_scaled_index_add_op.register_kernel("cuda")
-def _scaled_index_add_op_cuda(x: torch.Tensor, index: torch.Tensor | None, src: torch.Tensor,
-                              scaling: torch.Tensor | None, alpha: float) -> torch.Tensor:
-    return _scaled_index_add_impl(x, index, src, scaling, alpha)
-
-
-@_scaled_index_add_op.register_fake
-def _scaled_index_add_op_fake(x: torch.Tensor, index: torch.Tensor | None, src: torch.Tensor,
-                              scaling: torch.Tensor | None, alpha: float) -> torch.Tensor:
-    return x.new_empty(x.shape)
-
-
-def _scaled_index_add_backward_impl(grad: torch.Tensor, index: torch.Tensor | None, src: torch.Tensor,
-                                    scaling: torch.Tensor | None, alpha: float,
-                                    need_scaling_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    impl = _implementation(grad.device, "scaled_index_add", grad.dtype)
+def _scaled_index_add_backward(grad: torch.Tensor, index: torch.Tensor | None, src: torch.Tensor,
+                               scaling: torch.Tensor | None, alpha: float,
+                               need_scaling_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grad of src (``alpha * scaling * grad[index]``) and of scaling ((0,) when not needed)."""
+    impl = resolve(grad.device, "scaled_index_add", grad.dtype)
     no_scaling_grad = grad.new_empty(0)  # the op always returns two tensors
-    if impl in ("reference", "cpu"):
-        acc = _accumulation_dtype(grad.dtype)
-        rows = (grad if index is None else grad.index_select(0, index)).to(acc)
-        factor = alpha if scaling is None else alpha * scaling.to(acc)
-        grad_src = (rows * factor).to(src.dtype).contiguous()
-        if not need_scaling_grad:
-            return grad_src, no_scaling_grad
-        grad_scaling = alpha * (rows * src.to(acc)).reshape(-1, scaling.shape[0]).sum(0)
-        return grad_src, grad_scaling.to(scaling.dtype)
-    grad_src = torch.empty_like(src, memory_format=torch.contiguous_format)
-    if index is None:
-        index = _identity(grad.shape[0], grad.device)
-    product = _gather_triton(grad.contiguous(), index, grad_src, alpha, _scaling_fp32(scaling),
-                             src.contiguous() if need_scaling_grad else None)
+    if impl in ("cuda", "triton") and grad.dtype in TRITON_DTYPES:
+        grad_src = torch.empty_like(src, memory_format=torch.contiguous_format)
+        index = index if index is not None else _identity(grad.shape[0], grad.device)
+        product = _gather_triton(grad.contiguous(), index, grad_src, alpha, _scaling_fp32(scaling),
+                                 src.contiguous() if need_scaling_grad else None)
+        return grad_src, (alpha * product).to(scaling.dtype) if need_scaling_grad else no_scaling_grad
+    acc = accumulation_dtype(grad)
+    rows = (grad if index is None else grad.index_select(0, index)).to(acc)
+    factor = alpha if scaling is None else alpha * scaling.to(acc)
+    grad_src = (rows * factor).to(src.dtype).contiguous()
     if not need_scaling_grad:
         return grad_src, no_scaling_grad
-    return grad_src, (alpha * product).to(scaling.dtype)
+    grad_scaling = alpha * (rows * src.to(acc)).reshape(-1, scaling.shape[0]).sum(0)
+    return grad_src, grad_scaling.to(scaling.dtype)
 
 
-@torch.library.custom_op("dino_kernels::scaled_index_add_backward", mutates_args=(), device_types="cpu")
-def _scaled_index_add_backward_op(grad: torch.Tensor, index: torch.Tensor | None, src: torch.Tensor,
-                                  scaling: torch.Tensor | None, alpha: float,
-                                  need_scaling_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Grad of src (``alpha * scaling * grad[index]``) and of scaling ((0,) when not needed)."""
-    return _scaled_index_add_backward_impl(grad, index, src, scaling, alpha, need_scaling_grad)
-
-
-@_scaled_index_add_backward_op.register_kernel("cuda")
-def _scaled_index_add_backward_op_cuda(grad: torch.Tensor, index: torch.Tensor | None, src: torch.Tensor,
-                                       scaling: torch.Tensor | None, alpha: float,
-                                       need_scaling_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _scaled_index_add_backward_impl(grad, index, src, scaling, alpha, need_scaling_grad)
-
-
-@_scaled_index_add_backward_op.register_fake
-def _scaled_index_add_backward_op_fake(grad: torch.Tensor, index: torch.Tensor | None, src: torch.Tensor,
-                                       scaling: torch.Tensor | None, alpha: float,
-                                       need_scaling_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    grad_scaling = scaling.new_empty(scaling.shape) if need_scaling_grad else grad.new_empty((0,))
-    return src.new_empty(src.shape), grad_scaling
-
-
-def _scaled_index_add_setup(ctx, inputs, output) -> None:
-    x, index, src, scaling, alpha = inputs
-    ctx.alpha = alpha
-    ctx.need_scaling_grad = scaling is not None and ctx.needs_input_grad[3]
-    # src is only needed for the gradient of scaling: do not keep the branch output alive otherwise.
-    ctx.save_for_backward(index, src if ctx.need_scaling_grad else None, scaling)
-    ctx.src_meta = (src.shape, src.dtype, src.device)
-
-
-def _scaled_index_add_grads(ctx, grad, backward):
-    """Gradients of (x, index, src, scaling, alpha); ``backward`` is the backward op or, eagerly, its impl."""
-    index, src, scaling = ctx.saved_tensors
-    grad_src = grad_scaling = None
-    if ctx.needs_input_grad[2] or ctx.need_scaling_grad:
-        if src is None:  # a (0-stride) stand-in with src's metadata: the kernels never read it
-            shape, dtype, device = ctx.src_meta
-            src = torch.empty((), dtype=dtype, device=device).expand(shape)
-        grad_src, grad_scaling = backward(grad, index, src, scaling, ctx.alpha, ctx.need_scaling_grad)
-    return (grad, None, grad_src if ctx.needs_input_grad[2] else None,
-            grad_scaling if ctx.need_scaling_grad else None, None)
-
-
-torch.library.register_autograd(
-    "dino_kernels::scaled_index_add",
-    lambda ctx, grad: _scaled_index_add_grads(ctx, grad, _scaled_index_add_backward_op),
-    setup_context=_scaled_index_add_setup)
-
-
-class _ScaledIndexAdd(torch.autograd.Function):
-    """The op's eager twin: same impls and formulas, without the custom-op wrapper's per-call cost (tens of µs,
-    which on a GPU would exceed the kernels' own time at DINO shapes)."""
-
-    @staticmethod
-    def forward(ctx, x, index, src, scaling, alpha):  # ctx first: a separate setup_context costs a signature bind
-        _scaled_index_add_setup(ctx, (x, index, src, scaling, alpha), None)
-        return _scaled_index_add_impl(x, index, src, scaling, alpha)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _scaled_index_add_grads(ctx, grad, _scaled_index_add_backward_impl)
-
-
-def _scaled_index_add(x: torch.Tensor, index: torch.Tensor | None, src: torch.Tensor, scaling: torch.Tensor | None,
-                      alpha: float) -> torch.Tensor:
-    """The registered op under torch.compile (opaque to the tracer, with a fake), the eager twin otherwise."""
-    if torch.compiler.is_compiling():
-        return _scaled_index_add_op(x, index, src, scaling, alpha)
-    return _ScaledIndexAdd.apply(x, index, src, scaling, alpha)
-
-
-# ------------------------------------------------------------------------------------ index_select_cat ops
-def _index_select_cat_impl(xs: list[torch.Tensor], indices: list[torch.Tensor]) -> torch.Tensor:
-    impl = _implementation(xs[0].device, "index_select_cat", xs[0].dtype)
+def _index_select_cat_forward(xs: list[torch.Tensor], indices: list[torch.Tensor]) -> torch.Tensor:
+    impl = resolve(xs[0].device, "index_select_cat", xs[0].dtype)
     if impl == "reference":
         return reference.index_select_cat(xs, indices)
     rows = [i.shape[0] * math.prod(x.shape[1:-1]) for x, i in zip(xs, indices)]
@@ -431,109 +304,109 @@ def _index_select_cat_impl(xs: list[torch.Tensor], indices: list[torch.Tensor]) 
     # which the Triton interpreter cannot load.
     for x, index, part in zip(xs, indices, out.split(rows)):
         target = part.view(index.shape[0], *x.shape[1:])
-        if impl == "cpu":
-            torch.index_select(x, 0, index, out=target)
-        else:
+        if impl in ("cuda", "triton") and x.dtype in TRITON_DTYPES:
             _gather_triton(x.contiguous(), index, target, 1.0, None, None)
+        else:
+            torch.index_select(x, 0, index, out=target)
     return out
 
 
-@torch.library.custom_op("dino_kernels::index_select_cat", mutates_args=(), device_types="cpu")
-def _index_select_cat_op(xs: list[torch.Tensor], indices: list[torch.Tensor]) -> torch.Tensor:
-    return _index_select_cat_impl(xs, indices)
-
-
-@_index_select_cat_op.register_kernel("cuda")
-def _index_select_cat_op_cuda(xs: list[torch.Tensor], indices: list[torch.Tensor]) -> torch.Tensor:
-    return _index_select_cat_impl(xs, indices)
-
-
-@_index_select_cat_op.register_fake
-def _index_select_cat_op_fake(xs: list[torch.Tensor], indices: list[torch.Tensor]) -> torch.Tensor:
-    rows = sum(i.shape[0] * math.prod(x.shape[1:-1]) for x, i in zip(xs, indices))
-    return xs[0].new_empty((rows, xs[0].shape[-1]))
-
-
-def _index_select_cat_backward_impl(grad: torch.Tensor, indices: list[torch.Tensor], group_rows: list[int],
-                                    group_tokens: list[int]) -> list[torch.Tensor]:
+def _index_select_cat_backward(grad: torch.Tensor, indices: list[torch.Tensor], group_rows: list[int],
+                               group_tokens: list[int]) -> list[torch.Tensor]:
+    """Per group: a (B_i, M_i, D) zero tensor with the packed grad rows added at their indices."""
     width = grad.shape[-1]
-    impl = _implementation(grad.device, "index_select_cat", grad.dtype)
+    impl = resolve(grad.device, "index_select_cat", grad.dtype)
     grads = []
     parts = grad.split([i.shape[0] * n for i, n in zip(indices, group_tokens)])
     for index, rows, tokens, part in zip(indices, group_rows, group_tokens, parts):
         part = part.reshape(index.shape[0], tokens, width)
-        if impl in ("reference", "cpu"):
-            acc = _accumulation_dtype(grad.dtype)
-            zeros = grad.new_zeros((rows, tokens, width), dtype=acc)
-            grads.append(zeros.index_add_(0, index, part.to(acc)).to(grad.dtype))
-        else:
+        if impl in ("cuda", "triton") and grad.dtype in TRITON_DTYPES:
             out = grad.new_empty((rows, tokens, width))
             _index_add_triton(None, index, part.contiguous(), out, 1.0, None)
             grads.append(out)
+        else:
+            zeros = grad.new_zeros((rows, tokens, width), dtype=accumulation_dtype(grad))
+            grads.append(zeros.index_add_(0, index, part.to(zeros.dtype)).to(grad.dtype))
     return grads
 
 
-@torch.library.custom_op("dino_kernels::index_select_cat_backward", mutates_args=(), device_types="cpu")
-def _index_select_cat_backward_op(grad: torch.Tensor, indices: list[torch.Tensor], group_rows: list[int],
-                                  group_tokens: list[int]) -> list[torch.Tensor]:
-    """Per group: a (B_i, M_i, D) zero tensor with the packed grad rows added at their indices."""
-    return _index_select_cat_backward_impl(grad, indices, group_rows, group_tokens)
+# ----------------------------------------------------------------------------------------------- registered op
+def _scaled_index_add_backward_fake(grad: torch.Tensor, index: torch.Tensor | None, src: torch.Tensor,
+                                    scaling: torch.Tensor | None, alpha: float,
+                                    need_scaling_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    grad_scaling = scaling.new_empty(scaling.shape) if need_scaling_grad else grad.new_empty((0,))
+    return src.new_empty(src.shape), grad_scaling
 
 
-@_index_select_cat_backward_op.register_kernel("cuda")
-def _index_select_cat_backward_op_cuda(grad: torch.Tensor, indices: list[torch.Tensor], group_rows: list[int],
-                                       group_tokens: list[int]) -> list[torch.Tensor]:
-    return _index_select_cat_backward_impl(grad, indices, group_rows, group_tokens)
+_scaled_index_add_backward_op = KernelOp("scaled_index_add_backward", _scaled_index_add_backward,
+                                         fake=_scaled_index_add_backward_fake)
 
 
-@_index_select_cat_backward_op.register_fake
-def _index_select_cat_backward_op_fake(grad: torch.Tensor, indices: list[torch.Tensor], group_rows: list[int],
-                                       group_tokens: list[int]) -> list[torch.Tensor]:
+def _scaled_index_add_fake(x: torch.Tensor, index: torch.Tensor | None, src: torch.Tensor,
+                           scaling: torch.Tensor | None, alpha: float) -> torch.Tensor:
+    return x.new_empty(x.shape)
+
+
+def _scaled_index_add_setup_context(ctx, inputs, output) -> None:
+    x, index, src, scaling, alpha = inputs
+    ctx.alpha = alpha
+    ctx.need_scaling_grad = scaling is not None and ctx.needs_input_grad[3]
+    # src is only needed for the gradient of scaling: do not keep the branch output alive otherwise.
+    ctx.save_for_backward(index, src if ctx.need_scaling_grad else None, scaling)
+    ctx.src_meta = (src.shape, src.dtype, src.device)
+
+
+def _scaled_index_add_vjp(ctx, grad):
+    """Gradients of (x, index, src, scaling, alpha)."""
+    index, src, scaling = ctx.saved_tensors
+    grad_src = grad_scaling = None
+    if ctx.needs_input_grad[2] or ctx.need_scaling_grad:
+        if src is None:  # a (0-stride) stand-in with src's metadata: the kernels never read it
+            shape, dtype, device = ctx.src_meta
+            src = torch.empty((), dtype=dtype, device=device).expand(shape)
+        grad_src, grad_scaling = _scaled_index_add_backward_op(grad, index, src, scaling, ctx.alpha,
+                                                               ctx.need_scaling_grad)
+    return (grad, None, grad_src if ctx.needs_input_grad[2] else None,
+            grad_scaling if ctx.need_scaling_grad else None, None)
+
+
+_scaled_index_add_op = KernelOp("scaled_index_add", _scaled_index_add_forward, fake=_scaled_index_add_fake,
+                                setup_context=_scaled_index_add_setup_context, backward=_scaled_index_add_vjp)
+
+
+def _index_select_cat_backward_fake(grad: torch.Tensor, indices: list[torch.Tensor], group_rows: list[int],
+                                    group_tokens: list[int]) -> list[torch.Tensor]:
     return [grad.new_empty((rows, tokens, grad.shape[-1])) for rows, tokens in zip(group_rows, group_tokens)]
 
 
-def _index_select_cat_setup(ctx, xs, indices) -> None:
+_index_select_cat_backward_op = KernelOp("index_select_cat_backward", _index_select_cat_backward,
+                                         fake=_index_select_cat_backward_fake)
+
+
+def _index_select_cat_fake(xs: list[torch.Tensor], indices: list[torch.Tensor]) -> torch.Tensor:
+    rows = sum(i.shape[0] * math.prod(x.shape[1:-1]) for x, i in zip(xs, indices))
+    return xs[0].new_empty((rows, xs[0].shape[-1]))
+
+
+def _index_select_cat_setup_context(ctx, inputs, output) -> None:
+    xs, indices = inputs
     ctx.save_for_backward(*indices)
     ctx.shapes = [x.shape for x in xs]
 
 
-def _index_select_cat_grads(ctx, grad, backward) -> list[torch.Tensor]:
-    """Gradients of every group; ``backward`` is the backward op or, eagerly, its impl."""
+def _index_select_cat_vjp(ctx, grad):
+    """Gradients of (xs, indices): every group's, none for the indices."""
     rows = [shape[0] for shape in ctx.shapes]
     tokens = [math.prod(shape[1:-1]) for shape in ctx.shapes]
-    grads = backward(grad, list(ctx.saved_tensors), rows, tokens)
-    return [g.view(shape) for g, shape in zip(grads, ctx.shapes)]
+    grads = _index_select_cat_backward_op(grad, list(ctx.saved_tensors), rows, tokens)
+    return [g.view(shape) for g, shape in zip(grads, ctx.shapes)], [None] * len(ctx.shapes)
 
 
-torch.library.register_autograd(
-    "dino_kernels::index_select_cat",
-    lambda ctx, grad: (_index_select_cat_grads(ctx, grad, _index_select_cat_backward_op), [None] * len(ctx.shapes)),
-    setup_context=lambda ctx, inputs, output: _index_select_cat_setup(ctx, *inputs))
+_index_select_cat_op = KernelOp("index_select_cat", _index_select_cat_forward, fake=_index_select_cat_fake,
+                                setup_context=_index_select_cat_setup_context, backward=_index_select_cat_vjp)
 
 
-class _IndexSelectCat(torch.autograd.Function):
-    """The op's eager twin (see _ScaledIndexAdd). Tensors inside a list are invisible to autograd.Function, hence
-    ``apply(n_groups, *xs, *indices)``."""
-
-    @staticmethod
-    def forward(ctx, n_groups, *tensors):
-        xs, indices = list(tensors[:n_groups]), list(tensors[n_groups:])
-        _index_select_cat_setup(ctx, xs, indices)
-        return _index_select_cat_impl(xs, indices)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grads = _index_select_cat_grads(ctx, grad, _index_select_cat_backward_impl)
-        return None, *grads, *([None] * len(grads))
-
-
-def _index_select_cat(xs: list[torch.Tensor], indices: list[torch.Tensor]) -> torch.Tensor:
-    if torch.compiler.is_compiling():
-        return _index_select_cat_op(xs, indices)
-    return _IndexSelectCat.apply(len(xs), *xs, *indices)
-
-
-# ------------------------------------------------------------------------------------------- public API
+# ------------------------------------------------------------------------------------------------- public API
 def _check_index(name: str, index: object, rows: int, device: torch.device) -> torch.Tensor:
     index = check_tensor(name, index)
     if index.dtype not in (torch.int64, torch.int32):
@@ -542,7 +415,7 @@ def _check_index(name: str, index: object, rows: int, device: torch.device) -> t
         raise ValueError(f"{name} must be 1-d; got shape {tuple(index.shape)}")
     if index.device != device:
         raise ValueError(f"{name} is on {index.device} but the tensor it indexes is on {device}")
-    if index.numel() == 0 or torch.compiler.is_compiling():
+    if index.numel() == 0 or tracing(index):
         # Under torch.compile a value check would be a data-dependent branch; the kernels' masks still keep every
         # access inside the tensors.
         return index
@@ -558,19 +431,11 @@ def _check_index(name: str, index: object, rows: int, device: torch.device) -> t
     return index
 
 
-def _check_scaling(scaling: object, width: int, device: torch.device) -> torch.Tensor:
+def _check_scaling(scaling: object, x: torch.Tensor) -> None:
     check_floating("scaling", scaling)
-    if scaling.shape != (width,):
-        raise ValueError(f"scaling must have shape ({width},) (the last dim of x); got {tuple(scaling.shape)}")
-    if scaling.device != device:
-        raise ValueError(f"scaling is on {scaling.device} but x is on {device}; all must be on one device")
-    return scaling
-
-
-def _check_alpha(alpha: object) -> float:
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
-        raise TypeError(f"alpha must be a float, got {type(alpha).__name__}")
-    return float(alpha)
+    if scaling.shape != (x.shape[-1],):
+        raise ValueError(f"scaling must have shape ({x.shape[-1]},) (the last dim of x); got {tuple(scaling.shape)}")
+    check_same_device(x=x, scaling=scaling)
 
 
 def scaled_index_add(x: torch.Tensor, index: torch.Tensor, src: torch.Tensor, *, alpha: float = 1.0,
@@ -600,9 +465,9 @@ def scaled_index_add(x: torch.Tensor, index: torch.Tensor, src: torch.Tensor, *,
     if src.shape[0] != index.shape[0]:
         raise ValueError(f"src must have one row per index: len(index) = {index.shape[0]}, src has {src.shape[0]}")
     if scaling is not None:
-        _check_scaling(scaling, x.shape[-1], x.device)
-    alpha = _check_alpha(alpha)
-    return _scaled_index_add(x, index, src.to(x.dtype), scaling, alpha)
+        _check_scaling(scaling, x)
+    alpha = check_float("alpha", alpha)
+    return _scaled_index_add_op(x, index, src.to(x.dtype), scaling, alpha)
 
 
 def index_select_cat(xs: Sequence[torch.Tensor], indices: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -633,16 +498,35 @@ def index_select_cat(xs: Sequence[torch.Tensor], indices: Sequence[torch.Tensor]
                              f"xs[{i}] has shape {tuple(x.shape)}")
         check_same_device(**{"xs[0]": xs[0], f"xs[{i}]": x})
         _check_index(f"indices[{i}]", indices[i], x.shape[0], x.device)
-    return _index_select_cat(xs, indices)
+    return _index_select_cat_op(xs, indices)
 
 
-# ------------------------------------------------------------------------------------- drop_add_residual
-def _check_drop_rate(drop_rate: object) -> float:
-    if not isinstance(drop_rate, (int, float)) or isinstance(drop_rate, bool):
-        raise TypeError(f"drop_rate must be a float, got {type(drop_rate).__name__}")
-    if not 0.0 <= drop_rate < 1.0:
-        raise ValueError(f"drop_rate must be in [0, 1); got {drop_rate}")
-    return float(drop_rate)
+def _check_group(name: str, x: object) -> None:
+    check_floating(name, x)
+    if x.dim() != 3:
+        raise ValueError(f"{name} must be (B, N, D); got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} must hold at least one sample; got shape {tuple(x.shape)}")
+
+
+def _check_crop_groups(xs: list) -> None:
+    for i, x in enumerate(xs):
+        _check_group(f"xs[{i}]", x)
+    if not xs:
+        raise ValueError("xs must hold at least one crop group; got an empty list")
+    for i, x in enumerate(xs):
+        if x.shape[-1] != xs[0].shape[-1] or x.dtype != xs[0].dtype:
+            raise ValueError(f"every crop group must have the dim and dtype of xs[0] ({xs[0].shape[-1]}, "
+                             f"{xs[0].dtype}); xs[{i}] has shape {tuple(x.shape)} and dtype {x.dtype}")
+        check_same_device(**{"xs[0]": xs[0], f"xs[{i}]": x})
+
+
+def _check_residual(residual: object, shape: tuple[int, ...], what: str) -> torch.Tensor:
+    if not isinstance(residual, torch.Tensor):
+        raise TypeError(f"branch must return a torch.Tensor, got {type(residual).__name__}")
+    if tuple(residual.shape) != shape:
+        raise ValueError(f"branch must return the shape of its input {what} {shape}; got {tuple(residual.shape)}")
+    return residual
 
 
 def kept_count(batch: int, drop_rate: float) -> int:
@@ -664,51 +548,26 @@ def _kept_samples(batch: int, drop_rate: float, generator: torch.Generator | Non
     return torch.randperm(batch, generator=generator, device=rng_device)[:keep].to(device), keep
 
 
-def _check_residual(residual: object, shape: tuple[int, ...], what: str) -> torch.Tensor:
-    if not isinstance(residual, torch.Tensor):
-        raise TypeError(f"branch must return a torch.Tensor, got {type(residual).__name__}")
-    if tuple(residual.shape) != shape:
-        raise ValueError(f"branch must return the shape of its input {what} {shape}; got {tuple(residual.shape)}")
-    return residual
-
-
-def _check_group(name: str, x: object) -> torch.Tensor:
-    check_floating(name, x)
-    if x.dim() != 3:
-        raise ValueError(f"{name} must be (B, N, D); got shape {tuple(x.shape)}")
-    if x.shape[0] == 0:
-        raise ValueError(f"{name} must hold at least one sample; got shape {tuple(x.shape)}")
-    return x
-
-
 def _drop_add_residual_tensor(x, branch, drop_rate, training, generator, scaling):
-    batch, tokens, width = _check_group("x", x).shape
+    batch, tokens, width = x.shape
     kept, keep = _kept_samples(batch, drop_rate, generator, x.device) if training else (None, batch)
-    subset = x if kept is None else _index_select_cat([x], [kept]).view(keep, tokens, width)
+    subset = x if kept is None else _index_select_cat_op([x], [kept]).view(keep, tokens, width)
     residual = _check_residual(branch(subset), (keep, tokens, width), "x[kept]")
-    return _scaled_index_add(x, kept, residual.to(x.dtype), scaling, batch / keep)
+    return _scaled_index_add_op(x, kept, residual.to(x.dtype), scaling, batch / keep)
 
 
 def _drop_add_residual_list(xs, branch, drop_rate, training, generator, scaling):
-    xs = [_check_group(f"xs[{i}]", x) for i, x in enumerate(xs)]
-    if not xs:
-        raise ValueError("xs must hold at least one crop group; got an empty list")
-    for i, x in enumerate(xs):
-        if x.shape[-1] != xs[0].shape[-1] or x.dtype != xs[0].dtype:
-            raise ValueError(f"every crop group must have the dim and dtype of xs[0] ({xs[0].shape[-1]}, "
-                             f"{xs[0].dtype}); xs[{i}] has shape {tuple(x.shape)} and dtype {x.dtype}")
-        check_same_device(**{"xs[0]": xs[0], f"xs[{i}]": x})
     drawn = [_kept_samples(x.shape[0], drop_rate, generator, x.device) if training else (None, x.shape[0])
              for x in xs]
     # Groups that keep every sample are gathered with the identity (cached): packing needs the copy anyway.
     gather = [kept if kept is not None else _identity(x.shape[0], x.device)
               for x, (kept, _) in zip(xs, drawn)]
-    packed = _index_select_cat(xs, gather)
+    packed = _index_select_cat_op(xs, gather)
     lengths = tuple((keep, x.shape[1]) for x, (_, keep) in zip(xs, drawn))
     residual = branch(packed, *cu_seqlens_for(lengths, packed.device))
     residual = _check_residual(residual, tuple(packed.shape), "packed tensor")
     parts = residual.split([keep * tokens for keep, tokens in lengths])
-    return [_scaled_index_add(x, kept, part.reshape(keep, *x.shape[1:]).to(x.dtype), scaling, x.shape[0] / keep)
+    return [_scaled_index_add_op(x, kept, part.reshape(keep, *x.shape[1:]).to(x.dtype), scaling, x.shape[0] / keep)
             for x, (kept, keep), part in zip(xs, drawn, parts)]
 
 
@@ -739,7 +598,8 @@ def drop_add_residual(
 
     Differentiable in x, in the branch's parameters and in scaling. The branch output is cast to x's dtype.
     """
-    drop_rate = _check_drop_rate(drop_rate)
+    if not 0.0 <= check_float("drop_rate", drop_rate) < 1.0:
+        raise ValueError(f"drop_rate must be in [0, 1); got {drop_rate}")
     if not callable(branch):
         raise TypeError(f"branch must be callable, got {type(branch).__name__}")
     if generator is not None and not isinstance(generator, torch.Generator):
@@ -748,7 +608,9 @@ def drop_add_residual(
     if groups is None:
         raise TypeError(f"x must be a tensor (B, N, D) or a list of them; got {type(x).__name__}")
     if scaling is not None and groups and isinstance(groups[0], torch.Tensor):
-        _check_scaling(scaling, groups[0].shape[-1], groups[0].device)
+        _check_scaling(scaling, groups[0])
     if isinstance(x, torch.Tensor):
+        _check_group("x", x)
         return _drop_add_residual_tensor(x, branch, drop_rate, training, generator, scaling)
+    _check_crop_groups(groups)
     return _drop_add_residual_list(groups, branch, drop_rate, training, generator, scaling)

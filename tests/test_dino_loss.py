@@ -135,10 +135,10 @@ def test_cpp_k_262144():
 def test_triton_multi_block_paths(monkeypatch):
     """Small blocks make every loop of the Triton kernels take several steps on interpreter-sized inputs: row tiles
     of the teacher pass, slice blocks of the finalize kernel, column blocks of the student pass."""
-    monkeypatch.setattr(dino_loss_module, "TEACHER_BLOCK_ROWS", 4)
-    monkeypatch.setattr(dino_loss_module, "TEACHER_BLOCK_K", 16)
-    monkeypatch.setattr(dino_loss_module, "FINALIZE_BLOCK", 8)
-    monkeypatch.setattr(dino_loss_module, "STUDENT_CONFIGS", ((64, 1), (128, 2)))
+    monkeypatch.setattr(dino_loss_module.TEACHER_STATS, "configs", ({"BLOCK_ROWS": 4, "BLOCK_K": 16, "num_warps": 8},))
+    monkeypatch.setattr(dino_loss_module.TEACHER_FINALIZE, "configs", ({"BLOCK": 8, "num_warps": 4},))
+    monkeypatch.setattr(dino_loss_module.STUDENT, "configs", ({"BLOCK_K": 64, "num_warps": 1},
+                                                              {"BLOCK_K": 128, "num_warps": 2}))
     for k in (50, 1001):
         student, teacher, center = _inputs(k, 3, 4, 2, torch.float32)
         expected = _expected(student, teacher, center, 2, 0.1, 0.04, 2.0)
@@ -450,11 +450,23 @@ def test_update_center_bad_input(center, teacher, momentum, error, match):
         dino_kernels.update_center_(make(center), make(teacher), momentum)
 
 
-def test_launcher_configs_are_declared_for_aot():
-    """The configs the launchers pick are the ones `python -m dino_kernels._aot` compiles (tests/test_build.py)."""
-    declared = {spec.name: spec.configs for spec in dino_loss_module.AOT_KERNELS}
-    for k in (7, 1024, 1025, 262_144):
-        block_k, num_warps = dino_loss_module._student_config(k)
-        assert {"BLOCK_K": block_k, "num_warps": num_warps} in declared["_dino_student_kernel"]
-    assert set(declared) == {"_dino_teacher_stats_kernel", "_dino_teacher_finalize_kernel", "_dino_student_kernel",
-                             "_dino_loss_rescale_kernel"}
+@requires_interpreter
+def test_launcher_configs_are_declared_for_aot(monkeypatch):
+    """Every config the launchers pick is a declared one, the set `python -m dino_kernels._aot` compiles
+    (tests/test_build.py): both student configs (K below and above the first one's BLOCK_K), the teacher passes and
+    the rescale all launch under the triton backend (TritonKernel.launch raises on an undeclared config)."""
+    launched = []
+    for kernel in (dino_loss_module.TEACHER_STATS, dino_loss_module.TEACHER_FINALIZE, dino_loss_module.STUDENT,
+                   dino_loss_module.RESCALE):
+        launch = kernel.launch
+        monkeypatch.setattr(kernel, "launch", lambda grid, config, _launch=launch, _kernel=kernel, **args: (
+            launched.append((_kernel.name, id(config))), _launch(grid, config, **args)))
+    small_k = dino_loss_module.STUDENT.configs[0]["BLOCK_K"]
+    with dino_kernels.backend("triton"):
+        for k in (small_k, small_k + 1):
+            student, teacher, center = _inputs(k, 1, 2, 1, torch.float16)
+            _ours(student, teacher, center, 1, 0.1, 0.04, 2.0)
+    declared = {(kernel.name, id(config)) for kernel in (dino_loss_module.TEACHER_STATS,
+                                                         dino_loss_module.TEACHER_FINALIZE, dino_loss_module.STUDENT,
+                                                         dino_loss_module.RESCALE) for config in kernel.configs}
+    assert set(launched) == declared

@@ -5,12 +5,16 @@ in the interpreter on small shapes (``triton`` backend), the CPU path under ``au
 run on CUDA tensors too (compiled Triton kernels, bf16 included; marked ``cuda``).
 """
 
+import itertools
+
 import pytest
 import torch
 from conftest import CPU_BACKENDS, CUDA_DTYPES, TOLERANCE, cuda_param, rel_error, requires_interpreter
 
 import dino_kernels
 from dino_kernels import reference, stochastic_depth
+from dino_kernels._aot import _arg_type
+from dino_kernels._launch import recording
 
 # The interpreter turns the loaded segment bounds of the index-add loop into Python ints through a numpy call that
 # numpy >= 1.25 flags as deprecated; it is the interpreter's, not ours.
@@ -504,19 +508,38 @@ def test_registered_ops_match_the_eager_path(backend):
         assert torch.equal(a, b)
 
 
-def test_aot_declarations_cover_every_launch():
-    """Each kernel is declared for fp32/fp16/bf16 (and int32/int64 user indices) with every config the launchers
-    pick; tests/test_build.py compiles all of them for sm_80 and sm_90."""
-    gather, index_add = stochastic_depth.AOT_KERNELS
-    assert {(s["src"], s["index"]) for s in gather.signatures} == {
-        (f"*{d}", f"*{i}") for d in ("fp32", "fp16", "bf16") for i in ("i32", "i64")}
-    assert {s["x"] for s in index_add.signatures} == {"*fp32", "*fp16", "*bf16"}
-    for spec, variants in ((gather, stochastic_depth._GATHER_VARIANTS),
-                           (index_add, stochastic_depth._INDEX_ADD_VARIANTS)):
-        for variant in variants:
-            for tile in stochastic_depth.TILE_CONFIGS:
-                assert {**variant, **tile} in spec.configs
-    # The launchers only pick these tiles: rows of few tokens the flat one, others the 32-token one.
+def _compiles(launches):
+    """What a compile of each recorded launch depends on: the kernel, its config, the type of every argument as the
+    AOT harness derives it, and the value of every flag (the constexpr variants)."""
+    return {(kernel.name, id(config), tuple((name, value if isinstance(value, bool) else _arg_type(name, value))
+                                            for name, value in sorted(args.items())))
+            for kernel, args, config in launches}
+
+
+@requires_interpreter
+def test_aot_examples_cover_every_launch():
+    """aot_examples(), which tests/test_build.py compiles for sm_80 and sm_90, makes every launch (kernel, config,
+    argument types) that the ops make in fp32/fp16/bf16 with int32/int64 indices, with and without LayerScale and
+    its gradient, on rows that take either tile. (Launching an undeclared config raises, and the harness fails on a
+    declared config that no example launches.)"""
+    with recording() as examples:
+        stochastic_depth.aot_examples()
+    with dino_kernels.backend("triton"), recording() as launched:
+        for dtype, index_dtype, shape in itertools.product((torch.float32, torch.float16, torch.bfloat16),
+                                                          (torch.int64, torch.int32), ((4, 37, 9), (6, 8))):
+            index = torch.tensor([2, 0, 2], dtype=index_dtype)
+            for needs in ((True, False), (False, True), (True, True)):  # grads of src, scaling
+                x = torch.randn(shape).to(dtype).requires_grad_()
+                src = torch.randn(3, *shape[1:]).to(dtype).requires_grad_(needs[0])
+                for scaling in (None, torch.randn(shape[-1]).requires_grad_(needs[1])):
+                    out = dino_kernels.scaled_index_add(x, index, src, alpha=0.5, scaling=scaling)
+                    out.backward(torch.ones_like(out))
+            dino_kernels.index_select_cat([x], [index]).sum().backward()
+    assert {(kernel.name, id(config)) for kernel, _, config in launched} == {
+        (kernel.name, id(config)) for kernel in (stochastic_depth.GATHER, stochastic_depth.INDEX_ADD)
+        for config in kernel.configs}
+    assert _compiles(launched) <= _compiles(examples)
+    # The launchers pick the tile by the row's token count: few tokens the flat one, others the 32-token one.
     assert stochastic_depth._tile_config(1) is stochastic_depth.FLAT_CONFIG
     assert stochastic_depth._tile_config(257) is stochastic_depth.ROWS_CONFIG
     assert stochastic_depth._row_shape(257 * 1536, None) == (257 * 3, 512)

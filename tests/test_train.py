@@ -27,7 +27,8 @@ from dino.config import PRESETS, Config, parse_args, resolve_config
 from dino.data import build_datasets
 from dino.eval_knn import knn_predict
 from dino.model import DINOHead, VisionTransformer, build_model, per_group_attention
-from dino.schedules import Schedules, cosine_schedule, teacher_temp_schedule
+from dino.schedules import Schedules, cosine_schedule
+from dino_kernels.dino_loss import teacher_temp_schedule
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -111,7 +112,7 @@ def test_augmentation_probabilities():
     white = torch.full((b, 3, 32, 32), 255, dtype=torch.uint8)
     torch.manual_seed(2)
     no_jitter = MultiCropAugmentation(16, 8, 1)
-    for view in (no_jitter.global1, no_jitter.global2, no_jitter.local):
+    for view in (*no_jitter.global_views, no_jitter.local):
         for op in view:
             if type(op).__name__ == "ColorJitter":
                 op.p = 0.0
@@ -125,6 +126,16 @@ def test_augmentation_probabilities():
 def test_augmentation_rejects_float_input():
     with pytest.raises(ValueError, match="uint8"):
         MultiCropAugmentation(16, 8, 1)(torch.rand(2, 3, 32, 32))
+
+
+@pytest.mark.usefixtures("kornia")
+def test_augmentation_global_crop_count():
+    """G = 1 keeps global view 1 only; DINO has two global-view recipes, so G = 3 is refused."""
+    b = 3
+    crops = MultiCropAugmentation(16, 8, 2, n_global_crops=1)(_images(b))
+    assert [tuple(c.shape) for c in crops] == [(b, 3, 16, 16), (2 * b, 3, 8, 8)]
+    with pytest.raises(ValueError, match="n_global_crops must be 1 or 2"):
+        MultiCropAugmentation(16, 8, 2, n_global_crops=3)
 
 
 def test_blur_kernel_size():
@@ -201,7 +212,8 @@ def test_reference_attention_reads_nothing_back_from_the_device(monkeypatch):
     """The reference model's attention takes its crop groups from the host (no sync per layer on GPU), also when
     stochastic depth drops samples."""
     torch.manual_seed(0)
-    vit = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, drop_path_rate=0.5).train()
+    vit = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, drop_path_rate=0.5,
+                            packed_attention=False).train()
     crops = [torch.randn(4, 3, 16, 16), torch.randn(6, 3, 8, 8)]
 
     def no_sync(self, *args, **kwargs):
@@ -212,6 +224,24 @@ def test_reference_attention_reads_nothing_back_from_the_device(monkeypatch):
         monkeypatch.setattr(torch.Tensor, "tolist", no_sync)
         monkeypatch.setattr(torch.Tensor, "item", no_sync)
         assert vit(crops).shape == (10, 32)
+
+
+def test_build_model_chooses_attention_once(tmp_path, monkeypatch):
+    """build_model picks packed_attention (kernels=fused) or per-group SDPA (kernels=reference) at construction;
+    forward never reads the global backend switch, and both give the same logits."""
+    fused = build_model(tiny_config(tmp_path, kernels="fused")[0], drop_path=False).eval()
+    reference = build_model(tiny_config(tmp_path, kernels="reference")[0], drop_path=False).eval()
+    reference.load_state_dict(fused.state_dict())
+    assert all(block.attn.packed for block in fused.backbone.blocks)
+    assert not any(block.attn.packed for block in reference.backbone.blocks)
+
+    def no_switch():
+        raise AssertionError("the model consulted the global backend switch")
+
+    monkeypatch.setattr(dino_kernels, "get_backend", no_switch)
+    crops = [torch.randn(4, 3, 12, 12), torch.randn(6, 3, 8, 8)]
+    with torch.no_grad():
+        torch.testing.assert_close(fused(crops), reference(crops), rtol=1e-5, atol=1e-5)
 
 
 def test_pos_embed_interpolation_and_registers():
@@ -328,6 +358,13 @@ def test_config_presets_and_overrides():
         parse_args(["--kernels", "fast"])
     with pytest.raises(SystemExit):
         parse_args(["--global-size", "15", "--output-dir", "x"])  # not a multiple of the patch size
+    assert cfg.n_global_crops == 2 and parse_args(["--n-global-crops", "1", "--output-dir", "x"])[0].n_global_crops == 1
+    for bad, message in (({"n_global_crops": 0}, "n_global_crops must be >= 1"),
+                         ({"n_global_crops": 3}, "n_global_crops must be at most 2"),
+                         ({"n_global_crops": 1, "n_local_crops": 0}, "n_global_crops \\+ n_local_crops must be >= 2"),
+                         ({"epochs": 3, "warmup_teacher_temp_epochs": 4}, "warmup_teacher_temp_epochs must be in")):
+        with pytest.raises(ValueError, match=message):
+            resolve_config({"preset": "cpu-tiny", "output_dir": "x", **bad})
 
 
 # ------------------------------------------------------------------------------------------- training runs
@@ -469,18 +506,17 @@ def test_resume_rejects_a_different_recipe(tiny_run, tmp_path):
 
 @pytest.mark.usefixtures("kornia")
 def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    """A NaN learning rate at step 2 of epoch 2 turns the weights (student, then teacher by the EMA) into NaN, so the
+    loss of step 3 is NaN: the run must stop loudly and keep the checkpoint of epoch 1."""
     cfg, values = tiny_config(tmp_path, epochs=2)
-    real = train_mod.compute_loss
-    calls = {"n": 0}
+    real = Schedules.from_config
 
-    def poisoned(*args, **kwargs):
-        loss, stats = real(*args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] == 12:  # step 3 of epoch 2
-            loss = loss * float("nan")
-        return loss, stats
+    def poisoned(cfg, iters_per_epoch, world_size=1):
+        schedules = real(cfg, iters_per_epoch, world_size)
+        schedules.lr[iters_per_epoch + 1] = float("nan")
+        return schedules
 
-    monkeypatch.setattr(train_mod, "compute_loss", poisoned)
+    monkeypatch.setattr(Schedules, "from_config", poisoned)
     code = train_mod.main(["--preset", "cpu-tiny"] + [arg for k, v in values.items() if k != "preset"
                                                      for arg in _cli(k, v)])
     assert code == 2
@@ -490,6 +526,34 @@ def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, c
     assert state["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in state["student"].values())
     assert len(open(os.path.join(cfg.output_dir, "metrics.jsonl")).read().splitlines()) == 1
+
+
+@pytest.mark.usefixtures("kornia")
+def test_step_follows_the_config(tmp_path, monkeypatch):
+    """n_global_crops drives the augmentation, the teacher's input, the loss and KoLeo (here G = 1); the loss gets the
+    epoch's teacher temperature from the schedule, and the step updates the trainer's center in place."""
+    cfg, values = tiny_config(tmp_path, n_global_crops=1, warmup_teacher_temp=0.01, teacher_temp=0.03,
+                              warmup_teacher_temp_epochs=2)
+    trainer = train_mod.Trainer(cfg, values)
+    calls = []
+    real = dino_kernels.dino_loss
+
+    def recorded(student_logits, teacher_logits, center, **kwargs):
+        calls.append((student_logits.shape[0], teacher_logits.shape[0], kwargs))
+        return real(student_logits, teacher_logits, center, **kwargs)
+
+    monkeypatch.setattr(dino_kernels, "dino_loss", recorded)
+    images, _ = next(iter(trainer.loader))
+    b = images.shape[0]
+    crops = trainer.augment(images)
+    assert [c.shape[0] for c in crops] == [b, cfg.n_local_crops * b]
+    center = trainer.center
+    loss, entropy, kl, koleo = trainer.step_on_crops(crops, 1)
+    assert math.isfinite(loss) and math.isfinite(koleo) and 0 <= entropy.item() <= math.log(cfg.out_dim) + 1e-4
+    (student_rows, teacher_rows, kwargs), = calls
+    assert (student_rows, teacher_rows) == ((1 + cfg.n_local_crops) * b, b)
+    assert kwargs["n_global_crops"] == 1 and kwargs["teacher_temp"] == pytest.approx(0.03)
+    assert trainer.center is center and center.abs().sum() > 0
 
 
 def _cli(key: str, value) -> list[str]:

@@ -185,13 +185,3 @@ def main() -> int:
     return 1 if failures or missing else 0
 
 
-
-# TEMPORARY (removed once every module uses TritonKernel)
-from dataclasses import dataclass, field  # noqa: E402
-
-
-@dataclass(frozen=True)
-class AOTKernel:
-    kernel: Any
-    signatures: tuple = ()
-    configs: tuple = field(default_factory=lambda: ({},))
