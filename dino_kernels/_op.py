@@ -53,11 +53,12 @@ class KernelOp:
 
     def __call__(self, *args: Any) -> Any:
         lists = [a for a in args if isinstance(a, list)]
-        first = next(a for a in (*args, *(t for x in lists for t in x)) if isinstance(a, torch.Tensor))
+        first = next(t for a in args for t in (a[:1] if isinstance(a, list) else (a,)) if isinstance(t, torch.Tensor))
         if tracing(first):
             return self.op(*args)
         if self.backward is not None and torch.is_grad_enabled() and any(
-                isinstance(a, torch.Tensor) and a.requires_grad for a in (*args, *(t for x in lists for t in x))):
+                isinstance(t, torch.Tensor) and t.requires_grad
+                for a in args for t in (a if isinstance(a, list) else (a,))):
             if lists:  # a list argument is passed as its length and its tensors, which autograd.Function then sees
                 sizes = [len(a) if isinstance(a, list) else None for a in args]
                 flat = [t for a in args for t in (a if isinstance(a, list) else (a,))]

@@ -35,6 +35,8 @@ def check_ndim(name: str, tensor: torch.Tensor, ndim: int, layout: str) -> None:
 
 
 def check_tensor_list(name: str, tensors: list) -> None:
+    if all(isinstance(x, torch.Tensor) for x in tensors):  # the common case, in one pass (lists of 100s of tensors)
+        return
     for i, x in enumerate(tensors):
         check_tensor(f"{name}[{i}]", x)
 

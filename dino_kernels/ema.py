@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from dino_kernels import reference
-from dino_kernels._backend import TRITON_DTYPES, resolve
+from dino_kernels._backend import TRITON_DTYPES, get_backend, resolve
 from dino_kernels._extension import ops
 from dino_kernels._launch import TritonKernel
 from dino_kernels._op import KernelOp, tracing
@@ -127,8 +127,10 @@ def aot_examples() -> None:
 def _ema_forward(teacher: list[torch.Tensor], student: list[torch.Tensor], momentum: float) -> None:
     if not teacher:
         return
-    # The Triton kernel takes fp32/fp16/bf16 teachers: an fp64 one (if any) is the dtype the backend must serve.
-    dtype = next((t.dtype for t in teacher if t.dtype not in TRITON_DTYPES), teacher[0].dtype)
+    # The Triton kernel takes fp32/fp16/bf16 teachers: under the triton backend an fp64 one (if any) is the dtype it
+    # must serve (the scan is skipped otherwise: a ViT has hundreds of tensors).
+    triton = get_backend() == "triton"
+    dtype = next((t.dtype for t in teacher if t.dtype not in TRITON_DTYPES), None) if triton else None
     impl = resolve(teacher[0].device, "ema_", dtype)
     if impl == "reference":
         reference.ema_(teacher, student, momentum)
