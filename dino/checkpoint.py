@@ -18,6 +18,7 @@ import torch
 FORMAT = "dino-train-checkpoint"
 VERSION = 1
 FILENAME = "checkpoint.pth"
+TEMPORARY_SUFFIX = ".tmp"  # of the file a checkpoint is written to before it is renamed over the previous one
 REQUIRED = ("format", "version", "config", "epoch", "step", "student", "teacher", "optimizer", "scaler", "center",
             "rng", "history")
 
@@ -62,10 +63,13 @@ def _to_tuples(value: Any) -> Any:
 
 
 def save_checkpoint(path: str, state: dict[str, Any]) -> None:
-    """Write ``state`` to ``path`` atomically (temporary file in the same directory + fsync + rename)."""
-    directory = os.path.dirname(os.path.abspath(path))
+    """Write ``state`` to ``path`` atomically: a temporary file in the same directory, fsync, rename over ``path``,
+    fsync of the directory. A process killed at any moment leaves the previous checkpoint whole (and at worst its
+    own temporary file, which the next successful write removes)."""
+    directory, name = os.path.split(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", suffix=".tmp", dir=directory)
+    prefix = f".{name}."
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=TEMPORARY_SUFFIX, dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save({"format": FORMAT, "version": VERSION, **state}, f)
@@ -76,6 +80,18 @@ def save_checkpoint(path: str, state: dict[str, Any]) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    _fsync_directory(directory)  # makes the rename itself survive a power loss
+    for entry in os.scandir(directory):  # left by writers that were killed mid-write
+        if entry.name.startswith(prefix) and entry.name.endswith(TEMPORARY_SUFFIX):
+            os.remove(entry.path)
+
+
+def _fsync_directory(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def load_checkpoint(path: str) -> dict[str, Any]:

@@ -10,16 +10,24 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any, get_args, get_origin, get_type_hints
 
 import torch
 
 from dino.augment import MAX_GLOBAL_CROPS
+from dino.checkpoint import CheckpointError
+from dino.data import DataError
 
 # Fields that only say how or where a run executes: they may differ when resuming, every other field must match the
 # checkpoint's config (a different recipe would not continue the same loss curve).
-RUNTIME_FIELDS = frozenset({"output_dir", "resume", "num_workers", "progress", "device", "eval_every", "data"})
+RUNTIME_FIELDS = frozenset({"output_dir", "resume", "num_workers", "progress", "device", "eval_every", "data",
+                            "debug"})
+# The failures a user fixes on the command line (a bad path, a checkpoint that cannot be read or does not fit, an
+# image folder without readable images): the CLIs report them in one line (:func:`run_command`).
+USER_ERRORS: tuple[type[Exception], ...] = (CheckpointError, DataError, OSError)
 
 
 @dataclass
@@ -99,7 +107,10 @@ class Config:
     output_dir: str | None = field(default=None, metadata={"help": "run directory (default runs/<date-time>; "
                                                                    "on --resume, the checkpoint's directory)"})
     resume: str | None = field(default=None, metadata={"help": "checkpoint file or run directory to continue"})
-    progress: bool = field(default=True, metadata={"help": "show a progress bar per epoch"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar per epoch (and while checking the "
+                                                           "files of a large --data folder)"})
+    debug: bool = field(default=False, metadata={"help": "on an error, show the Python traceback instead of the "
+                                                         "one-line message"})
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types only (lists for tuples), so a checkpoint loads with ``torch.load(weights_only=True)``."""
@@ -256,12 +267,41 @@ def resolve_config(overrides: dict[str, Any]) -> Config:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Config, dict[str, Any]]:
-    """Parse ``argv`` into a validated config; also returns the explicitly given options (for resume checks)."""
+    """Parse ``argv`` into a validated config whose device this machine has; also returns the explicitly given
+    options (for resume checks)."""
     parser = build_parser(description="DINO self-supervised training of a ViT on our fused kernels.")
     args = parser.parse_args(argv)
     overrides = explicit_overrides(args)
     try:
-        return resolve_config(overrides), overrides
+        cfg = resolve_config(overrides)
+        check_device(cfg.device)
     except ValueError as err:
         parser.error(str(err))
-        raise  # unreachable: parser.error exits
+    return cfg, overrides
+
+
+def check_device(name: str) -> None:
+    """ValueError unless ``name`` is ``auto`` or a device torch knows and, for CUDA, this machine has."""
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {name!r}") from err
+    count = torch.cuda.device_count()
+    if device.type == "cuda" and not 0 <= (device.index or 0) < count:  # torch wraps indices past 127 around
+        raise ValueError(f"device {name!r}: torch sees {count} CUDA GPU(s) on this machine")
+
+
+def run_command(command: Callable[[], Any], debug: bool, errors: tuple[type[Exception], ...] = ()) -> int:
+    """Run a CLI's ``command`` and return its exit code: 0, or 2 (argparse's code for a bad command line) after
+    printing a failure of :data:`USER_ERRORS` or ``errors`` as one ``error: ...`` line on stderr. With ``debug``
+    those propagate with their traceback; any other exception is a bug and always does."""
+    try:
+        command()
+    except (*USER_ERRORS, *errors) as err:
+        if debug:
+            raise
+        print("error: " + " ".join(str(err).split()), file=sys.stderr, flush=True)
+        return 2
+    return 0

@@ -74,11 +74,11 @@ def load_teacher_backbone(checkpoint: str, device: torch.device):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The CLI: an error the user can fix is one ``error: ...`` line and exit code 2 (with ``--debug``, its
+    traceback)."""
     import argparse
-    import sys
 
-    from dino.checkpoint import CheckpointError
-    from dino.data import build_datasets
+    from dino.config import check_device, run_command
 
     parser = argparse.ArgumentParser(prog="python -m dino.eval_knn", description=(
         "Weighted k-NN top-1 of a checkpoint's teacher backbone (normed CLS features, cosine similarity, votes "
@@ -91,21 +91,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, default=0.07, help="vote temperature T (default 0.07)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N; auto = cuda when available")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (default 0)")
+    parser.add_argument("--debug", action="store_true", help="on an error, show the Python traceback instead of the "
+                                                             "one-line message")
     args = parser.parse_args(argv)
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
-        backbone, cfg = load_teacher_backbone(args.checkpoint, device)
-    except CheckpointError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    data = build_datasets(args.data if args.data is not None else cfg.data, cfg.image_size, cfg.global_size)
-    if data.knn_train is None:
-        parser.error(f"{data.name} has no class sub-folders: k-NN needs labels")
-    acc = knn_accuracy(backbone, data.knn_train, data.knn_test, data.num_classes, cfg.global_size, device,
-                       args.k, args.temperature, num_workers=args.num_workers)
-    print(f"k-NN (k={args.k}, T={args.temperature}) top-1 on {data.name}: {acc:.2f}% "
-          f"({len(data.knn_test)} test images, {len(data.knn_train)} in the memory bank)")
-    return 0
+        check_device(args.device)
+    except ValueError as err:
+        parser.error(str(err))
+    if args.k < 1 or args.temperature <= 0 or args.num_workers < 0:
+        parser.error(f"--k must be >= 1, --temperature > 0 and --num-workers >= 0; got {args.k}, {args.temperature} "
+                     f"and {args.num_workers}")
+    return run_command(lambda: evaluate_checkpoint(args.checkpoint, args.data, args.device, args.k, args.temperature,
+                                                   args.num_workers), args.debug)
+
+
+def evaluate_checkpoint(checkpoint: str, data: str | None, device_name: str, k: int, temperature: float,
+                        num_workers: int) -> None:
+    """Print the k-NN top-1 of ``checkpoint``'s teacher backbone on ``data`` (default: the checkpoint's data)."""
+    from dino.data import DataError, build_datasets
+
+    device = torch.device(device_name if device_name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    backbone, cfg = load_teacher_backbone(checkpoint, device)
+    datasets = build_datasets(data if data is not None else cfg.data, cfg.image_size, cfg.global_size)
+    if datasets.knn_train is None:
+        raise DataError(f"--data: {datasets.name} has no class sub-folders: k-NN needs labels")
+    acc = knn_accuracy(backbone, datasets.knn_train, datasets.knn_test, datasets.num_classes, cfg.global_size,
+                       device, k, temperature, num_workers=num_workers)
+    print(f"k-NN (k={k}, T={temperature}) top-1 on {datasets.name}: {acc:.2f}% "
+          f"({len(datasets.knn_test)} test images, {len(datasets.knn_train)} in the memory bank)")
 
 
 if __name__ == "__main__":

@@ -39,8 +39,8 @@ from dino.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from dino.config import RUNTIME_FIELDS, Config, parse_args
-from dino.data import build_datasets
+from dino.config import RUNTIME_FIELDS, Config, parse_args, run_command
+from dino.data import DataError, build_datasets
 from dino.eval_knn import knn_accuracy
 from dino.model import DINOModel, build_model
 from dino.schedules import Schedules
@@ -199,16 +199,24 @@ class Trainer:
         self.amp_dtype = autocast_dtype(cfg, self.device)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
 
-        self.data = build_datasets(cfg.data, cfg.image_size, cfg.global_size)
+        self.data = build_datasets(cfg.data, cfg.image_size, cfg.global_size, main_process=self.info.main,
+                                   progress=cfg.progress)
         n_per_rank = len(self.data.train) // self.info.world_size
         if n_per_rank < cfg.batch_size:
-            raise ValueError(f"batch_size={cfg.batch_size} per process exceeds the {n_per_rank} training images each "
-                             f"of the {self.info.world_size} process(es) gets; lower --batch-size")
+            raise DataError(f"batch_size={cfg.batch_size} per process exceeds the {n_per_rank} training images each "
+                            f"of the {self.info.world_size} process(es) gets; lower --batch-size")
+        # The run's random numbers: the data order is the sampler's own stream (seed + epoch); augmentation and
+        # stochastic depth draw from the global RNG, which only the training step touches and each checkpoint saves.
+        # The loader draws its workers' base seed when its iterator is created (epoch 1 of a fresh run, the first
+        # epoch after a resume), hence its own generator, seeded from the config and the rank: the same worker seeds
+        # whichever epoch starts them. The workers draw no random numbers (they only decode and resize, see
+        # dino.data), so persistent workers carry no RNG state from one epoch to the next.
         self.sampler = DistributedSampler(self.data.train, num_replicas=self.info.world_size, rank=self.info.rank,
                                           shuffle=True, seed=cfg.seed, drop_last=True)
         self.loader = DataLoader(self.data.train, batch_size=cfg.batch_size, sampler=self.sampler, drop_last=True,
                                  num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
-                                 pin_memory=self.device.type == "cuda")
+                                 pin_memory=self.device.type == "cuda",
+                                 generator=torch.Generator().manual_seed(cfg.seed + self.info.rank))
         self.iters_per_epoch = len(self.loader)
         self.schedules = Schedules.from_config(cfg, self.iters_per_epoch, self.info.world_size)
         self.augment = MultiCropAugmentation(cfg.global_size, cfg.local_size, cfg.n_local_crops, cfg.global_scale,
@@ -374,12 +382,16 @@ class Trainer:
         return stats
 
     def evaluate(self) -> float | None:
-        """k-NN top-1 (percent) of the teacher backbone on the held-out split; None without labels."""
+        """k-NN top-1 (percent) of the teacher backbone on the held-out split; None without labels.
+
+        It runs on a fork of the RNG states (its DataLoaders draw seeds): which epochs are evaluated (rank 0 only,
+        and ``--eval-every`` may change on ``--resume``) must not shift the training's random numbers."""
         if self.data.knn_train is None:
             return None
-        return knn_accuracy(self.teacher.backbone, self.data.knn_train, self.data.knn_test, self.data.num_classes,
-                            self.cfg.global_size, self.device, self.cfg.knn_k, self.cfg.knn_temperature,
-                            num_workers=0, autocast_dtype=self.amp_dtype)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            return knn_accuracy(self.teacher.backbone, self.data.knn_train, self.data.knn_test,
+                                self.data.num_classes, self.cfg.global_size, self.device, self.cfg.knn_k,
+                                self.cfg.knn_temperature, num_workers=0, autocast_dtype=self.amp_dtype)
 
     def fit(self) -> list[dict[str, Any]]:
         cfg, info = self.cfg, self.info
@@ -475,16 +487,14 @@ def train(cfg: Config, overrides: dict[str, Any] | None = None) -> list[dict[str
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The CLI: an error the user can fix is one ``error: ...`` line and exit code 2 (with ``--debug``, its
+    traceback)."""
     cfg, overrides = parse_args(argv)
     try:
-        train(cfg, overrides)
-    except (NonFiniteLossError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
+        return run_command(lambda: train(cfg, overrides), cfg.debug, (NonFiniteLossError,))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    return 0
 
 
 if __name__ == "__main__":

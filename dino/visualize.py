@@ -20,8 +20,9 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from dino.augment import eval_transform  # noqa: E402
-from dino.checkpoint import CheckpointError, checkpoint_path  # noqa: E402
-from dino.data import load_digits_arrays, resize_square, stratified_split, to_uint8_tensor  # noqa: E402
+from dino.checkpoint import checkpoint_path  # noqa: E402
+from dino.config import check_device, run_command  # noqa: E402
+from dino.data import load_digits_arrays, read_image, resize_square, stratified_split, to_uint8_tensor  # noqa: E402
 from dino.eval_knn import load_teacher_backbone  # noqa: E402
 
 
@@ -75,6 +76,8 @@ def attention_figure(backbone, image: Image.Image, size: int, threshold: float, 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The CLI: an error the user can fix is one ``error: ...`` line and exit code 2 (with ``--debug``, its
+    traceback)."""
     parser = argparse.ArgumentParser(prog="python -m dino.visualize", description=__doc__.split("\n\n")[1])
     parser.add_argument("--checkpoint", required=True, help="checkpoint file or run directory")
     parser.add_argument("--image", default=None, help="image file (default: a held-out digits sample)")
@@ -84,19 +87,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threshold", type=float, default=0.6, help="attention mass kept by the mask (default 0.6)")
     parser.add_argument("--output", default=None, help="PNG path (default: attention.png next to the checkpoint)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default cpu)")
+    parser.add_argument("--debug", action="store_true", help="on an error, show the Python traceback instead of the "
+                                                             "one-line message")
     args = parser.parse_args(argv)
     if not 0 < args.threshold <= 1:
         parser.error(f"--threshold must be in (0, 1]; got {args.threshold}")
     try:
-        backbone, cfg = load_teacher_backbone(args.checkpoint, torch.device(args.device))
-    except CheckpointError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        check_device(args.device)
+    except ValueError as err:
+        parser.error(str(err))
+    return run_command(lambda: visualize(args, parser), args.debug)
+
+
+def visualize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Write the figure the parsed ``args`` ask for (``parser`` reports a ``--size`` below the patch size)."""
+    backbone, cfg = load_teacher_backbone(args.checkpoint, torch.device(args.device))
     if args.image is None:
         image, title = sample_image(args.sample)
     else:
-        with Image.open(args.image) as im:
-            image, title = im.convert("RGB"), os.path.basename(args.image)
+        image, title = read_image(args.image), os.path.basename(args.image)
     size = args.size or 2 * cfg.global_size
     if size < cfg.patch_size:
         parser.error(f"--size must be at least the patch size {cfg.patch_size}")
@@ -104,7 +113,6 @@ def main(argv: list[str] | None = None) -> int:
                                          "attention.png")
     attention_figure(backbone, image, size, args.threshold, title, output)
     print(f"wrote {output}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import dino_kernels  # noqa: E402
+from dino_kernels._launch import TritonKernel  # noqa: E402
 
 # Implementations every op is proven under on CPU tensors: our C++ kernels (what `auto` picks for CPU tensors)
 # and, where the interpreter is on, our Triton kernels.
@@ -62,3 +63,26 @@ def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 # Relative-error bounds per dtype of the kernel's inputs (DEVELOPERS' standards).
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+def implementations_run(module, monkeypatch) -> list[str]:
+    """The implementations that ``module``'s ops run from here on, by name: ``cpp.<op>`` (an op of the C++
+    extension), ``triton.<kernel>`` (a Triton launch), ``reference.<function>``."""
+    calls: list[str] = []
+
+    class Spy:
+        def __init__(self, prefix, target):
+            self.prefix, self.target = prefix, target
+
+        def __getattr__(self, name):
+            function = getattr(self.target, name)
+            return lambda *args, **kwargs: (calls.append(f"{self.prefix}.{name}"), function(*args, **kwargs))[1]
+
+    launch = TritonKernel.launch
+    monkeypatch.setattr(TritonKernel, "launch", lambda kernel, grid, config, **args: (
+        calls.append(f"triton.{kernel.name}"), launch(kernel, grid, config, **args))[1])
+    monkeypatch.setattr(module, "reference", Spy("reference", module.reference))
+    if hasattr(module, "ops"):
+        ops = module.ops
+        monkeypatch.setattr(module, "ops", lambda: Spy("cpp", ops()))
+    return calls

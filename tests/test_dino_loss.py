@@ -8,7 +8,7 @@ import multiprocessing
 import numpy as np
 import pytest
 import torch
-from conftest import CPU_BACKENDS, TOLERANCE, cuda_param, rel_error, requires_interpreter
+from conftest import CPU_BACKENDS, TOLERANCE, cuda_param, implementations_run, rel_error, requires_interpreter
 
 import dino_kernels
 from dino_kernels import reference
@@ -194,14 +194,32 @@ def test_forward_only_matches_and_stores_no_gradient(backend):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_rescale_op_skips_when_factor_is_one(backend, dtype):
+    """Skipped exactly when grad_output * scale is 1; grad_output = 1 alone (`loss.backward()` on fp16 logits, whose
+    stored gradient carries a scale) is not enough."""
     grad = torch.randn(5, 33).to(dtype)
     original = grad.clone()
     with dino_kernels.backend(backend):
         torch.ops.dino_kernels.dino_loss_rescale_(grad, torch.tensor(1.0), 1.0)
         assert torch.equal(grad, original)
+        torch.ops.dino_kernels.dino_loss_rescale_(grad, torch.tensor(1.0), 0.5)
         torch.ops.dino_kernels.dino_loss_rescale_(grad, torch.tensor(3.0), 0.25)
-    expected = (original.double() * 0.75).to(dtype)
+    expected = original.double() * 0.5 * 0.75
     assert rel_error(grad, expected) <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rescale_writes_only_the_gradient(backend, dtype):
+    """The in-place rescale of a gradient that is a view into a larger buffer: the view is scaled, every element
+    around it keeps its value (a mask one element too wide, or a chunk bound past the end, would change them).
+    40,001 elements: partial last blocks of the Triton kernel (2,048) and of the C++ one (32,768)."""
+    buffer = torch.randn(40_001 + 10).to(dtype)
+    before = buffer.clone()
+    grad = buffer[3:40_004]
+    with dino_kernels.backend(backend):
+        torch.ops.dino_kernels.dino_loss_rescale_(grad, torch.tensor(3.0), 0.25)
+    assert rel_error(grad, before[3:40_004].double() * 0.75) <= TOLERANCE[dtype]
+    assert torch.equal(buffer[:3], before[:3]) and torch.equal(buffer[40_004:], before[40_004:])
 
 
 def test_gradient_only_to_student_and_backward_variants():
@@ -226,6 +244,23 @@ def test_gradient_only_to_student_and_backward_variants():
     outputs = torch.ops.dino_kernels.dino_loss(student, teacher.detach(), center.detach(), 2, 0.1, 0.04, False)
     (outputs[0] * 2.0).backward()
     assert rel_error(student.grad, 2.0 * grad_ref) <= FP32
+
+
+@pytest.mark.parametrize("backend,expected", [
+    ("auto", {"cpp.dino_loss_cpu", "cpp.dino_loss_rescale_cpu_"}),
+    ("cpu", {"cpp.dino_loss_cpu", "cpp.dino_loss_rescale_cpu_"}),
+    ("reference", {"reference.dino_loss"}),
+    pytest.param("triton", {"triton._dino_teacher_stats_kernel", "triton._dino_teacher_finalize_kernel",
+                            "triton._dino_student_kernel", "triton._dino_loss_rescale_kernel"},
+                 marks=requires_interpreter)])
+def test_each_backend_runs_its_implementation(monkeypatch, backend, expected):
+    """The backend switch picks the implementation of the forward and of the backward's rescale (all of them give
+    the same values, so only this tells them apart): `auto` runs the C++ kernels on CPU tensors."""
+    calls = implementations_run(dino_loss_module, monkeypatch)
+    student, teacher, center = _inputs(40, 2, 3, 2, torch.float32)
+    with dino_kernels.backend(backend):
+        _ours(student, teacher, center, 2, 0.1, 0.04, 2.0)
+    assert set(calls) == expected
 
 
 def test_reference_backend_runs_the_reference():
@@ -354,24 +389,28 @@ def test_update_center_all_reduces_across_ranks(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- DINOLoss module
-def test_dinoloss_module_schedule_and_center_updates():
-    k, batch, n_local = 50, 3, 3
-    module = dino_kernels.DINOLoss(k, 2, n_local, warmup_teacher_temp=0.04, teacher_temp=0.07,
-                                   warmup_teacher_temp_epochs=3, n_epochs=5, student_temp=0.1, center_momentum=0.9)
+# (G, L, student temperature, center momentum): the official values (G = 2 and 0.1, 0.9 are also the defaults of
+# dino_loss and update_center_), and others, so that an argument the module fails to pass on changes the result.
+@pytest.mark.parametrize("n_global,n_local,student_temp,center_momentum", [(2, 3, 0.1, 0.9), (1, 3, 0.15, 0.8)])
+def test_dinoloss_module_schedule_and_center_updates(n_global, n_local, student_temp, center_momentum):
+    k, batch = 50, 3
+    module = dino_kernels.DINOLoss(k, n_global, n_local, warmup_teacher_temp=0.04, teacher_temp=0.07,
+                                   warmup_teacher_temp_epochs=3, n_epochs=5, student_temp=student_temp,
+                                   center_momentum=center_momentum)
     official = np.concatenate((np.linspace(0.04, 0.07, 3), np.ones(2) * 0.07))
     assert module.teacher_temp_schedule == tuple(official.tolist())
     assert module.center.shape == (1, k) and "center" in module.state_dict()
     center = torch.zeros(1, k)
     for epoch in range(5):
-        student, teacher, _ = _inputs(k, batch, 2 + n_local, 2, torch.float32)
-        expected = reference.dino_loss(student.double(), teacher.double(), center.double(),
-                                       student_temp=0.1, teacher_temp=official[epoch])
+        student, teacher, _ = _inputs(k, batch, n_global + n_local, n_global, torch.float32)
+        expected = reference.dino_loss(student.double(), teacher.double(), center.double(), n_global_crops=n_global,
+                                       student_temp=student_temp, teacher_temp=official[epoch])
         loss, stats = module(student, teacher, epoch, return_stats=True)
         assert rel_error(loss, expected) <= FP32
-        reference.update_center_(center, teacher, 0.9)  # the official update, after the loss
+        reference.update_center_(center, teacher, center_momentum)  # the official update, after the loss
         assert rel_error(module.center, center) <= FP32
         assert module(student, teacher, epoch).shape == ()  # plain call: the loss alone (and one more update)
-        reference.update_center_(center, teacher, 0.9)
+        reference.update_center_(center, teacher, center_momentum)
 
 
 def test_dinoloss_module_bad_input():

@@ -1,9 +1,10 @@
 import pytest
 import torch
-from conftest import CPU_BACKENDS, TOLERANCE, cuda_param, rel_error, requires_interpreter
+from conftest import CPU_BACKENDS, TOLERANCE, cuda_param, implementations_run, rel_error, requires_interpreter
 
 import dino_kernels
 from dino_kernels import _extension, reference
+from dino_kernels import ema as ema_module
 
 SHAPES = [(1,), (7,), (1000, 37), (3, 5, 7, 11), (65_537,)]
 
@@ -66,16 +67,74 @@ def test_ema_on_parameters_views_and_offsets(backend):
     student_model = torch.nn.Sequential(torch.nn.Linear(13, 7), torch.nn.LayerNorm(7), torch.nn.Linear(7, 3))
     teacher_model = torch.nn.Sequential(torch.nn.Linear(13, 7), torch.nn.LayerNorm(7), torch.nn.Linear(7, 3))
     big_t, big_s = torch.randn(10_001), torch.randn(10_001)
-    teacher = list(teacher_model.parameters()) + [big_t[3:], big_t[1:2]]
+    big_t_before, big_s_before = big_t.clone(), big_s.clone()
+    teacher = list(teacher_model.parameters()) + [big_t[3:9_997], big_t[1:2]]
     student = list(student_model.parameters()) + [big_s[5:9_999], big_s[2:3]]
-    teacher[-2] = big_t[3:9_997]
     expected = _expected(teacher, student, 0.99)
     with dino_kernels.backend(backend):
         dino_kernels.ema_(teacher, student, 0.99)  # grad mode on: the op runs under no_grad itself
     for t, e in zip(teacher, expected):
         assert rel_error(t.detach(), e) <= TOLERANCE[torch.float32]
-    untouched = torch.cat([big_t[:3], big_t[9_997:]])
-    assert torch.isfinite(untouched).all()
+    # Every element of big_t outside the two views keeps its value (a tail mask one element too wide would write
+    # big_t[2] and big_t[9_997]), and the students are only read.
+    outside = torch.ones(10_001, dtype=torch.bool)
+    outside[1:2] = outside[3:9_997] = False
+    assert torch.equal(big_t[outside], big_t_before[outside])
+    assert torch.equal(big_s, big_s_before)
+
+
+def _views_with_gaps(buffer, sizes, gap):
+    """Views of ``buffer`` of the given sizes, one after another with ``gap`` elements between them (and before the
+    first and after the last), and the mask of the elements that belong to no view."""
+    views, outside, start = [], torch.ones(buffer.numel(), dtype=torch.bool), gap
+    for n in sizes:
+        views.append(buffer[start:start + n])
+        outside[start:start + n] = False
+        start += n + gap
+    assert start <= buffer.numel()
+    return views, outside
+
+
+# Sizes around the chunk boundaries of the Triton (16,384 elements) and C++ (32,768) kernels, a 1-element tensor,
+# and odd sizes, so that every kind of last chunk is a partial one.
+GUARDED_SIZES = [1, 7, 1_000, 16_383, 16_384, 16_385, 32_769, 3]
+
+
+@pytest.mark.parametrize("backend,device", [(b, "cpu") for b in CPU_BACKENDS]
+                         + [cuda_param("cuda", "cuda"), cuda_param("triton", "cuda")])
+@pytest.mark.parametrize("teacher_dtype", [torch.float32, torch.float16])
+def test_ema_writes_nothing_outside_the_teachers(backend, device, teacher_dtype):
+    """Teachers and students are views into one buffer each, with guard elements between and around them: every
+    view gets the EMA, and every element outside the views keeps its value bit for bit."""
+    if backend == "cuda" and not _extension.cuda_kernels_compiled():
+        pytest.skip("the extension was built without nvcc: no CUDA C++ EMA kernel")
+    size = sum(GUARDED_SIZES) + 5 * (len(GUARDED_SIZES) + 1)
+    teacher_buffer = torch.randn(size, device=device).to(teacher_dtype)
+    student_buffer = torch.randn(size, device=device)
+    teacher_before, student_before = teacher_buffer.clone(), student_buffer.clone()
+    teacher, outside = _views_with_gaps(teacher_buffer, GUARDED_SIZES, gap=5)
+    student, _ = _views_with_gaps(student_buffer, GUARDED_SIZES, gap=5)
+    expected = _expected(teacher, student, 0.9)
+    with dino_kernels.backend(backend):
+        dino_kernels.ema_(teacher, student, 0.9)
+    for t, e in zip(teacher, expected):
+        assert rel_error(t, e) <= TOLERANCE[teacher_dtype], (t.numel(), rel_error(t, e))
+    outside = outside.to(device)
+    assert torch.equal(teacher_buffer[outside], teacher_before[outside])
+    assert torch.equal(student_buffer, student_before)
+
+
+@pytest.mark.parametrize("backend,expected", [
+    ("auto", {"cpp.ema_cpu_"}), ("cpu", {"cpp.ema_cpu_"}), ("reference", {"reference.ema_"}),
+    pytest.param("triton", {"triton._ema_kernel"}, marks=requires_interpreter)])
+def test_each_backend_runs_its_implementation(monkeypatch, backend, expected):
+    """The backend switch picks the implementation (all of them give the same values, so only this tells them
+    apart): `auto` runs the C++ kernel on CPU tensors."""
+    calls = implementations_run(ema_module, monkeypatch)
+    teacher, student = _make([(300,), (7,)], torch.float32, torch.float32)
+    with dino_kernels.backend(backend):
+        dino_kernels.ema_(teacher, student, 0.9)
+    assert set(calls) - {"cpp.ema_check"} == expected  # ema_check validates the inputs under every backend
 
 
 def test_ema_backends_agree_with_reference_module():

@@ -6,10 +6,19 @@ run on CUDA tensors too (compiled Triton kernels, bf16 included; marked ``cuda``
 """
 
 import itertools
+import math
 
 import pytest
 import torch
-from conftest import CPU_BACKENDS, CUDA_DTYPES, TOLERANCE, cuda_param, rel_error, requires_interpreter
+from conftest import (
+    CPU_BACKENDS,
+    CUDA_DTYPES,
+    TOLERANCE,
+    cuda_param,
+    implementations_run,
+    rel_error,
+    requires_interpreter,
+)
 
 import dino_kernels
 from dino_kernels import reference, stochastic_depth
@@ -129,6 +138,32 @@ def test_index_select_cat_matches_float64(backend, device, dtype):
     expected_grads = torch.autograd.grad(reference.index_select_cat(xs64, indices), xs64, grad_output.double())
     for got, want in zip(grads, expected_grads):
         assert got.shape == want.shape and rel_error(got, want) <= TOLERANCE[dtype]
+
+
+GATHER, INDEX_ADD = "triton._gather_rows_kernel", "triton._index_add_rows_kernel"
+
+
+@pytest.mark.parametrize("backend,dtype,expected", [
+    ("auto", torch.float32, ([], [], [])), ("cpu", torch.float32, ([], [], [])),  # torch's index ops on CPU tensors
+    ("reference", torch.float32, (["reference.index_select_cat"], ["reference.scaled_index_add"], [])),
+    pytest.param("triton", torch.float16, ([GATHER], [INDEX_ADD], [GATHER, INDEX_ADD]), marks=requires_interpreter)])
+def test_each_backend_runs_its_implementation(monkeypatch, backend, dtype, expected):
+    """The backend switch picks the implementation of index_select_cat, of scaled_index_add and of their backwards
+    (all of them give the same values, so only this tells them apart)."""
+    calls = implementations_run(stochastic_depth, monkeypatch)
+    x, scaling = torch.randn(5, 3, 4).to(dtype).requires_grad_(), torch.randn(4, requires_grad=True)
+    index = torch.tensor([4, 0])
+    ran = []
+    with dino_kernels.backend(backend):
+        subset = dino_kernels.index_select_cat([x], [index]).view(2, 3, 4)
+        ran.append(sorted(calls))
+        calls.clear()
+        out = dino_kernels.scaled_index_add(x, index, subset * 2, alpha=2.5, scaling=scaling)
+        ran.append(sorted(calls))
+        calls.clear()
+        out.sum().backward()  # the gather for src and scaling, the index-add for index_select_cat's input
+        ran.append(sorted(calls))
+    assert tuple(ran) == expected
 
 
 def test_index_select_cat_empty_selection():
@@ -461,6 +496,51 @@ def test_kernels_never_leave_the_tensors_for_unchecked_indices(device):
         added = torch.ops.dino_kernels.scaled_index_add(x, index, src, None, 1.0)
     assert torch.equal(gathered[:2], x[1]) and torch.equal(gathered[2:], torch.zeros(4, 4, device=device))
     assert torch.equal(added[[0, 2]], x[[0, 2]]) and torch.allclose(added[1], x[1] + src[1])
+
+
+def _view_in_buffer(shape, device, margin=1024):
+    """A contiguous tensor of ``shape`` carved out of a larger random buffer, ``margin`` elements in, the buffer and
+    a copy of it (to compare the elements around the view with)."""
+    n = math.prod(shape)
+    buffer = torch.randn(n + 2 * margin, device=device)
+    return buffer[margin:margin + n].view(shape), buffer, buffer.clone()
+
+
+def _assert_only_view_changed(view, buffer, before):
+    start = view.data_ptr() // view.element_size() - buffer.data_ptr() // buffer.element_size()
+    outside = torch.ones(buffer.numel(), dtype=torch.bool, device=buffer.device)
+    outside[start:start + view.numel()] = False
+    assert torch.equal(buffer[outside], before[outside])
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("with_scaling", [False, True])
+@pytest.mark.parametrize("shape,rows", [((5, 67, 260), [4, 0, 4, 2]), ((6, 13), [5, 1, 2, 5]), ((3, 37, 9), [0, 2]),
+                                        ((4, 2, 3, 5), [3])])
+def test_triton_launchers_write_only_their_output(device, with_scaling, shape, rows):
+    """The Triton launchers write into the ``out`` they are given: as a view into a larger buffer it gets every
+    row right and not one element around it changes (a tile mask one element too wide writes past the last row,
+    which no comparison of the output alone can see). Both tiles, partial tiles in both directions, the last row
+    a target."""
+    x = torch.randn(shape, device=device)
+    index = torch.tensor(rows, device=device)
+    src = torch.randn(len(rows), *shape[1:], device=device)
+    scaling = torch.randn(shape[-1], device=device) if with_scaling else None
+    factor = 1.0 if scaling is None else scaling.double()
+
+    added, buffer, before = _view_in_buffer(shape, device)
+    stochastic_depth._index_add_triton(x, index, src, added, 1.5, scaling)
+    expected = x.double().index_add(0, index, src.double() * factor, alpha=1.5)
+    assert rel_error(added, expected) <= TOLERANCE[torch.float32]
+    _assert_only_view_changed(added, buffer, before)
+
+    gathered, buffer, before = _view_in_buffer(src.shape, device)
+    product = stochastic_depth._gather_triton(x, index, gathered, 1.5, scaling, src if with_scaling else None)
+    assert rel_error(gathered, 1.5 * x.double()[index] * factor) <= TOLERANCE[torch.float32]
+    _assert_only_view_changed(gathered, buffer, before)
+    if with_scaling:  # the gradient of the LayerScale: sum over rows and tokens of x[index] * src
+        expected_product = (x.double()[index] * src.double()).reshape(-1, shape[-1]).sum(0)
+        assert rel_error(product, expected_product) <= TOLERANCE[torch.float32]
 
 
 # ------------------------------------------------------------------------------------ registration and AOT

@@ -9,6 +9,7 @@ The 2-process DDP run lives in tests/test_train_distributed.py.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -18,6 +19,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import rel_error
 
 import dino.train as train_mod
 import dino_kernels
@@ -554,6 +556,163 @@ def test_step_follows_the_config(tmp_path, monkeypatch):
     assert (student_rows, teacher_rows) == ((1 + cfg.n_local_crops) * b, b)
     assert kwargs["n_global_crops"] == 1 and kwargs["teacher_temp"] == pytest.approx(0.03)
     assert trainer.center is center and center.abs().sum() > 0
+
+
+# Non-default values (for the cpu-tiny preset and the dataclass alike) of every recipe field the training step uses,
+# so that a field the trainer fails to pass on changes what the step test reads back.
+STEP_RECIPE = {
+    "student_temp": 0.2, "center_momentum": 0.8, "clip_grad": 0.05, "freeze_last_layer": 2, "koleo_weight": 0.3,
+    "momentum_teacher": 0.9, "momentum_teacher_end": 0.95, "warmup_teacher_temp": 0.01, "teacher_temp": 0.03,
+    "warmup_teacher_temp_epochs": 3, "base_lr": 2e-3, "min_lr": 1e-4, "warmup_epochs": 2, "weight_decay": 0.05,
+    "weight_decay_end": 0.3,
+}
+
+
+def _cosine_value(base: float, final: float, i: int, n: int) -> float:
+    """The cosine part of DINO's ``utils.cosine_scheduler`` at step i of n."""
+    return final + 0.5 * (base - final) * (1 + math.cos(math.pi * i / n))
+
+
+class _StepRecorder:
+    """What one training step hands to the loss, the GradScaler and the optimizer, recorded on the way."""
+
+    def __init__(self, trainer, monkeypatch):
+        self.trainer, self.seen = trainer, {}
+        real_loss, real_scale, real_step = dino_kernels.dino_loss, trainer.scaler.scale, trainer.optimizer.step
+
+        def loss(*args, **kwargs):
+            out = real_loss(*args, **kwargs)
+            self.seen.update(loss_kwargs=kwargs, stats=out[1])
+            return out
+
+        def scale(total):
+            self.seen["total"] = total.item()
+            return real_scale(total)
+
+        def step(*args, **kwargs):
+            self.seen["grads"] = {name: None if p.grad is None else p.grad.clone()
+                                  for name, p in trainer.student.named_parameters()}
+            self.seen["groups"] = [(g["lr"], g["weight_decay"]) for g in trainer.optimizer.param_groups]
+            return real_step(*args, **kwargs)
+
+        monkeypatch.setattr(dino_kernels, "dino_loss", loss)
+        monkeypatch.setattr(trainer.scaler, "scale", scale)
+        monkeypatch.setattr(trainer.optimizer, "step", step)
+
+    def run(self, crops, epoch: int, it: int):
+        """The step at global iteration ``it`` of ``epoch``; returns (its outputs, teacher and center before it)."""
+        self.trainer.step = it
+        teacher = [p.detach().clone() for p in self.trainer.teacher.parameters()]
+        center = self.trainer.center.clone()
+        return self.trainer.step_on_crops(crops, epoch), teacher, center
+
+
+@pytest.mark.usefixtures("kornia")
+def test_step_applies_the_recipe(tmp_path, monkeypatch):
+    """One step at a time, with a non-default value for every recipe field, checks what arrives: lr and weight decay
+    of the schedule at this iteration, the student temperature and this epoch's teacher temperature in the loss,
+    the KoLeo weight in the objective, the per-tensor clip on the gradients the optimizer sees, the last-layer freeze
+    for epochs < freeze_last_layer only, the center EMA with center_momentum, and the teacher EMA
+    t <- m·t + (1 − m)·s with m from the momentum schedule."""
+    cfg, values = tiny_config(tmp_path, **STEP_RECIPE)
+    trainer = train_mod.Trainer(cfg, values)
+    recorder = _StepRecorder(trainer, monkeypatch)
+    images, _ = next(iter(trainer.loader))
+    crops = trainer.augment(images)
+    ipe, total = trainer.iters_per_epoch, cfg.epochs * trainer.iters_per_epoch
+    peak_lr = cfg.base_lr * cfg.batch_size / 256
+    teacher_temps = np.linspace(cfg.warmup_teacher_temp, cfg.teacher_temp, cfg.warmup_teacher_temp_epochs)
+    for epoch in (1, 2):  # epoch 1 < freeze_last_layer = 2: last layer frozen; epoch 2: trained
+        it = epoch * ipe + 1
+        (loss, _, _, koleo), teacher_before, center_before = recorder.run(crops, epoch, it)
+        seen = recorder.seen
+        # The schedules at this iteration: lr in its warmup (epoch 1) or its cosine (epoch 2), weight decay on the
+        # first parameter group only.
+        warmup = cfg.warmup_epochs * ipe
+        lr = peak_lr * it / (warmup - 1) if it < warmup else _cosine_value(peak_lr, cfg.min_lr, it - warmup,
+                                                                            total - warmup)
+        weight_decay = _cosine_value(cfg.weight_decay, cfg.weight_decay_end, it, total)
+        assert seen["groups"][0] == pytest.approx((lr, weight_decay), rel=1e-9)
+        assert seen["groups"][1] == pytest.approx((lr, 0.0), rel=1e-9)
+        # The loss: student temperature, this epoch's teacher temperature, G; the objective adds KoLeo with its
+        # weight.
+        kwargs = seen["loss_kwargs"]
+        assert kwargs["student_temp"] == cfg.student_temp and kwargs["n_global_crops"] == cfg.n_global_crops
+        assert kwargs["teacher_temp"] == pytest.approx(float(teacher_temps[epoch]), rel=1e-12)
+        assert seen["total"] == pytest.approx(loss + cfg.koleo_weight * koleo, rel=1e-5)
+        # Per-tensor clip: no gradient the optimizer sees is longer than clip_grad, and at least one was clipped.
+        grads = seen["grads"]
+        norms = [g.norm().item() for g in grads.values() if g is not None]
+        assert max(norms) <= cfg.clip_grad * (1 + 1e-5) and max(norms) >= cfg.clip_grad * 0.999
+        # Last-layer freeze: no gradient (so no AdamW update) while epoch < freeze_last_layer.
+        frozen = epoch < cfg.freeze_last_layer
+        last_layer = [name for name in grads if "last_layer" in name and trainer.student.get_parameter(
+            name).requires_grad]
+        assert last_layer and all((grads[name] is None) == frozen for name in last_layer)
+        # Center EMA with center_momentum, from this batch's teacher mean.
+        expected_center = (cfg.center_momentum * center_before.double()
+                           + (1 - cfg.center_momentum) * seen["stats"].teacher_mean.double())
+        assert rel_error(trainer.center, expected_center) <= 1e-6
+        # Teacher EMA after the optimizer step, with m from the momentum schedule (cosine over all iterations).
+        m = cfg.momentum_teacher_end - (cfg.momentum_teacher_end - cfg.momentum_teacher) * (
+            1 + math.cos(math.pi * it / total)) / 2
+        for t, t_before, s in zip(trainer.teacher.parameters(), teacher_before, trainer.student.parameters()):
+            expected = m * t_before.double() + (1 - m) * s.detach().double()
+            assert rel_error(t.detach(), expected) <= 1e-6
+        assert trainer.step == it + 1
+    # The teacher differed from the student before the second step, so that step told m from 1 − m.
+    assert any(not torch.equal(t, s) for t, s in zip(teacher_before, trainer.student.parameters()))
+
+
+@pytest.mark.usefixtures("kornia")
+def test_trainer_passes_its_config_on(tmp_path, monkeypatch):
+    """The options the trainer hands to other objects arrive there, each with a non-default value read back from the
+    object: the data (image size), the loader (batch size, workers), the augmentation (every crop option), the
+    schedules (every schedule option), the model (widths), the center (K) and the k-NN evaluation (k, temperature,
+    size)."""
+    recorded = {}
+    real_augmentation, real_knn = train_mod.MultiCropAugmentation, train_mod.knn_accuracy
+
+    def augmentation(*args, **kwargs):
+        recorded["augmentation"] = inspect.signature(real_augmentation).bind(*args, **kwargs).arguments
+        return real_augmentation(*args, **kwargs)
+
+    def knn(*args, **kwargs):
+        recorded["knn"] = inspect.signature(real_knn).bind(*args, **kwargs).arguments
+        return 50.0
+
+    monkeypatch.setattr(train_mod, "MultiCropAugmentation", augmentation)
+    monkeypatch.setattr(train_mod, "knn_accuracy", knn)
+    options = {"image_size": 28, "global_size": 16, "local_size": 8, "n_local_crops": 3, "n_global_crops": 1,
+               "global_scale": (0.5, 0.9), "local_scale": (0.2, 0.3), "blur_sigma": (0.2, 0.4), "hflip_p": 0.3,
+               "batch_size": 100, "out_dim": 48, "embed_dim": 24, "depth": 3, "knn_k": 7, "knn_temperature": 0.2,
+               "epochs": 4, "warmup_epochs": 2, **STEP_RECIPE}
+    cfg, values = tiny_config(tmp_path, **options)
+    trainer = train_mod.Trainer(cfg, values)
+    assert trainer.data.train[0][0].shape == trainer.data.knn_test[0][0].shape == (3, 28, 28)
+    assert trainer.loader.batch_size == 100 and trainer.iters_per_epoch == len(trainer.data.train) // 100
+    assert trainer.loader.num_workers == cfg.num_workers == 0  # the preset's is 1
+    augmentation_options = ("global_size", "local_size", "n_local_crops", "global_scale", "local_scale", "blur_sigma",
+                            "hflip_p", "n_global_crops")
+    assert {name: tuple(v) if isinstance(v, list) else v for name, v in recorded["augmentation"].items()} == {
+        name: getattr(cfg, name) for name in augmentation_options}
+    ipe = trainer.iters_per_epoch
+    expected = Schedules(
+        lr=cosine_schedule(cfg.base_lr * cfg.batch_size / 256, cfg.min_lr, cfg.epochs, ipe, cfg.warmup_epochs),
+        weight_decay=cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, cfg.epochs, ipe),
+        momentum=cosine_schedule(cfg.momentum_teacher, cfg.momentum_teacher_end, cfg.epochs, ipe),
+        teacher_temp=teacher_temp_schedule(cfg.warmup_teacher_temp, cfg.teacher_temp, cfg.warmup_teacher_temp_epochs,
+                                           cfg.epochs))
+    for name in ("lr", "weight_decay", "momentum"):
+        np.testing.assert_array_equal(getattr(trainer.schedules, name), getattr(expected, name), err_msg=name)
+    assert trainer.schedules.teacher_temp == expected.teacher_temp
+    for model in (trainer.student, trainer.teacher):
+        assert len(model.backbone.blocks) == 3 and model.backbone.cls_token.shape[-1] == 24
+        assert model.head.last_layer.weight.shape == (48, cfg.head_bottleneck_dim)
+    assert trainer.center.shape == (1, 48)
+    assert trainer.evaluate() == 50.0
+    knn_args = recorded["knn"]
+    assert (knn_args["k"], knn_args["temperature"], knn_args["size"]) == (7, 0.2, 16)
 
 
 def _cli(key: str, value) -> list[str]:
