@@ -25,6 +25,7 @@ from dino.data import DataError
 # checkpoint's config (a different recipe would not continue the same loss curve).
 RUNTIME_FIELDS = frozenset({"output_dir", "resume", "num_workers", "progress", "device", "eval_every", "data",
                             "debug"})
+DEBUG_HELP = "on an error, show the Python traceback instead of the one-line message"
 # The failures a user fixes on the command line (a bad path, a checkpoint that cannot be read or does not fit, an
 # image folder without readable images): the CLIs report them in one line (:func:`run_command`).
 USER_ERRORS: tuple[type[Exception], ...] = (CheckpointError, DataError, OSError)
@@ -109,8 +110,7 @@ class Config:
     resume: str | None = field(default=None, metadata={"help": "checkpoint file or run directory to continue"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar per epoch (and while checking the "
                                                            "files of a large --data folder)"})
-    debug: bool = field(default=False, metadata={"help": "on an error, show the Python traceback instead of the "
-                                                         "one-line message"})
+    debug: bool = field(default=False, metadata={"help": DEBUG_HELP})
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types only (lists for tuples), so a checkpoint loads with ``torch.load(weights_only=True)``."""

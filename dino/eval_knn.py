@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     traceback)."""
     import argparse
 
-    from dino.config import check_device, run_command
+    from dino.config import DEBUG_HELP, check_device, run_command
 
     parser = argparse.ArgumentParser(prog="python -m dino.eval_knn", description=(
         "Weighted k-NN top-1 of a checkpoint's teacher backbone (normed CLS features, cosine similarity, votes "
@@ -91,8 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, default=0.07, help="vote temperature T (default 0.07)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N; auto = cuda when available")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (default 0)")
-    parser.add_argument("--debug", action="store_true", help="on an error, show the Python traceback instead of the "
-                                                             "one-line message")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     args = parser.parse_args(argv)
     try:
         check_device(args.device)

@@ -21,7 +21,7 @@ from PIL import Image  # noqa: E402
 
 from dino.augment import eval_transform  # noqa: E402
 from dino.checkpoint import checkpoint_path  # noqa: E402
-from dino.config import check_device, run_command  # noqa: E402
+from dino.config import DEBUG_HELP, check_device, run_command  # noqa: E402
 from dino.data import load_digits_arrays, read_image, resize_square, stratified_split, to_uint8_tensor  # noqa: E402
 from dino.eval_knn import load_teacher_backbone  # noqa: E402
 
@@ -87,8 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threshold", type=float, default=0.6, help="attention mass kept by the mask (default 0.6)")
     parser.add_argument("--output", default=None, help="PNG path (default: attention.png next to the checkpoint)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default cpu)")
-    parser.add_argument("--debug", action="store_true", help="on an error, show the Python traceback instead of the "
-                                                             "one-line message")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     args = parser.parse_args(argv)
     if not 0 < args.threshold <= 1:
         parser.error(f"--threshold must be in (0, 1]; got {args.threshold}")

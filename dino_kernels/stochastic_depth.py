@@ -254,11 +254,15 @@ def aot_examples() -> None:
 # ------------------------------------------------------------------------------------------------ dispatch
 # Triton serves the `cuda` and `triton` backends for fp32/fp16/bf16 (resolve() refuses float64 for `triton`); every
 # other case takes the torch path: index_select / index_add_ in fp32 math (fp64 for fp64), float64 on CUDA included.
+def _runs_triton(impl: str, dtype: torch.dtype) -> bool:
+    return impl in ("cuda", "triton") and dtype in TRITON_DTYPES
+
+
 def _scaled_index_add_forward(x: torch.Tensor, index: torch.Tensor | None, src: torch.Tensor,
                               scaling: torch.Tensor | None, alpha: float) -> torch.Tensor:
     """``index`` None is the identity (src has x's rows): eval mode and batches that keep every sample."""
     impl = resolve(x.device, "scaled_index_add", x.dtype)
-    if impl in ("cuda", "triton") and x.dtype in TRITON_DTYPES:
+    if _runs_triton(impl, x.dtype):
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
         _index_add_triton(x.contiguous(), index, src.contiguous(), out, alpha, _scaling_fp32(scaling))
         return out
@@ -277,7 +281,7 @@ def _scaled_index_add_backward(grad: torch.Tensor, index: torch.Tensor | None, s
     """Grad of src (``alpha * scaling * grad[index]``) and of scaling ((0,) when not needed)."""
     impl = resolve(grad.device, "scaled_index_add", grad.dtype)
     no_scaling_grad = grad.new_empty(0)  # the op always returns two tensors
-    if impl in ("cuda", "triton") and grad.dtype in TRITON_DTYPES:
+    if _runs_triton(impl, grad.dtype):
         grad_src = torch.empty_like(src, memory_format=torch.contiguous_format)
         index = index if index is not None else _identity(grad.shape[0], grad.device)
         product = _gather_triton(grad.contiguous(), index, grad_src, alpha, _scaling_fp32(scaling),
@@ -295,6 +299,7 @@ def _scaled_index_add_backward(grad: torch.Tensor, index: torch.Tensor | None, s
 
 def _index_select_cat_forward(xs: list[torch.Tensor], indices: list[torch.Tensor]) -> torch.Tensor:
     impl = resolve(xs[0].device, "index_select_cat", xs[0].dtype)
+    triton = _runs_triton(impl, xs[0].dtype)
     if impl == "reference":
         return reference.index_select_cat(xs, indices)
     rows = [i.shape[0] * math.prod(x.shape[1:-1]) for x, i in zip(xs, indices)]
@@ -304,7 +309,7 @@ def _index_select_cat_forward(xs: list[torch.Tensor], indices: list[torch.Tensor
     # which the Triton interpreter cannot load.
     for x, index, part in zip(xs, indices, out.split(rows)):
         target = part.view(index.shape[0], *x.shape[1:])
-        if impl in ("cuda", "triton") and x.dtype in TRITON_DTYPES:
+        if triton:
             _gather_triton(x.contiguous(), index, target, 1.0, None, None)
         else:
             torch.index_select(x, 0, index, out=target)
@@ -315,12 +320,12 @@ def _index_select_cat_backward(grad: torch.Tensor, indices: list[torch.Tensor], 
                                group_tokens: list[int]) -> list[torch.Tensor]:
     """Per group: a (B_i, M_i, D) zero tensor with the packed grad rows added at their indices."""
     width = grad.shape[-1]
-    impl = resolve(grad.device, "index_select_cat", grad.dtype)
+    triton = _runs_triton(resolve(grad.device, "index_select_cat", grad.dtype), grad.dtype)
     grads = []
     parts = grad.split([i.shape[0] * n for i, n in zip(indices, group_tokens)])
     for index, rows, tokens, part in zip(indices, group_rows, group_tokens, parts):
         part = part.reshape(index.shape[0], tokens, width)
-        if impl in ("cuda", "triton") and grad.dtype in TRITON_DTYPES:
+        if triton:
             out = grad.new_empty((rows, tokens, width))
             _index_add_triton(None, index, part.contiguous(), out, 1.0, None)
             grads.append(out)

@@ -266,10 +266,10 @@ MUTANTS = [
            ("tests/test_stochastic_depth.py", "drop_add_residual_semantics and auto"),
            "residual scaled by keep / B instead of B / keep"),
     mutant("sd-dispatch-triton-runs-torch", "dino_kernels/stochastic_depth.py",
-           '    impl = resolve(x.device, "scaled_index_add", x.dtype)\n    if impl in ("cuda", "triton")',
-           '    impl = resolve(x.device, "scaled_index_add", x.dtype)\n    if impl == "cuda"',
+           '    return impl in ("cuda", "triton") and dtype in TRITON_DTYPES',
+           '    return impl == "cuda" and dtype in TRITON_DTYPES',
            ("tests/test_stochastic_depth.py", "each_backend_runs"),
-           "backend switch: scaled_index_add under `triton` runs torch's index_add"),
+           "backend switch: stochastic depth under `triton` runs torch's index_select / index_add"),
     # -------------------------------------------------------------------------------------------- trainer
     mutant("train-center-momentum-dropped", "dino/train.py",
            "dino_kernels.update_center_(self.center, stats.teacher_mean, cfg.center_momentum)",
