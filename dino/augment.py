@@ -8,7 +8,9 @@ Per image: G = 2 global crops (or only global 1 when G = 1) and L local crops (D
 | global 2 | same                            | same flip and colour ops, blur p=0.1, solarise (128/255) p=0.2        |
 | local ×L | RandomResizedCrop, local_scale  | same flip and colour ops, blur p=0.5                                  |
 
-then ImageNet normalisation. Crops are bicubic and clamped to [0, 1] (bicubic overshoots). Every sample of every view
+then ImageNet normalisation. The probabilities above are DINO's and the defaults; ``color_jitter_p``,
+``grayscale_p``, ``solarize_p`` and ``blur`` (off: no blur in any view) change them (the digits preset turns the
+colour operations off). Crops are bicubic and clamped to [0, 1] (bicubic overshoots). Every sample of every view
 draws its own parameters from torch's global RNG (saved in checkpoints, so a resumed run draws the same crops).
 
 kornia is imported only when a :class:`MultiCropAugmentation` is built: the rest of ``dino`` (the model, k-NN
@@ -28,12 +30,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 JITTER = {"brightness": 0.4, "contrast": 0.4, "saturation": 0.2, "hue": 0.1}
 JITTER_P = 0.8
 GRAYSCALE_P = 0.2
-BLUR_P = {"global1": 1.0, "global2": 0.1, "local": 0.5}
 SOLARIZE_P = 0.2
 SOLARIZE_THRESHOLD = 128 / 255
-# (blur p, solarise p) of DINO's two global views, global 1 and global 2 above: n_global_crops is 1 or 2.
-GLOBAL_VIEWS = ((BLUR_P["global1"], 0.0), (BLUR_P["global2"], SOLARIZE_P))
-MAX_GLOBAL_CROPS = len(GLOBAL_VIEWS)
+# Blur probability of each view; solarisation is global 2's only. n_global_crops is 1 or 2: DINO's two global views.
+BLUR_P = {"global1": 1.0, "global2": 0.1, "local": 0.5}
+GLOBAL_BLUR_P = (BLUR_P["global1"], BLUR_P["global2"])
+MAX_GLOBAL_CROPS = len(GLOBAL_BLUR_P)
 
 
 def blur_kernel_size(sigma_max: float, size: int) -> int:
@@ -56,8 +58,8 @@ class _ClampUnit(nn.Module):
         return x.clamp_(0.0, 1.0)
 
 
-def _view(size: int, scale: tuple[float, float], hflip_p: float, blur_p: float, blur_sigma: tuple[float, float],
-          solarize_p: float) -> nn.Sequential:
+def _view(size: int, scale: tuple[float, float], hflip_p: float, color_jitter_p: float, grayscale_p: float,
+          blur_p: float, blur_sigma: tuple[float, float], solarize_p: float) -> nn.Sequential:
     K = _kornia_augmentation()
     ops: list[nn.Module] = [
         K.RandomResizedCrop((size, size), scale=tuple(scale), resample="BICUBIC", align_corners=False,
@@ -66,7 +68,10 @@ def _view(size: int, scale: tuple[float, float], hflip_p: float, blur_p: float, 
     ]
     if hflip_p > 0:
         ops.append(K.RandomHorizontalFlip(p=hflip_p))
-    ops += [K.ColorJitter(**JITTER, p=JITTER_P), K.RandomGrayscale(p=GRAYSCALE_P)]
+    if color_jitter_p > 0:
+        ops.append(K.ColorJitter(**JITTER, p=color_jitter_p))
+    if grayscale_p > 0:
+        ops.append(K.RandomGrayscale(p=grayscale_p))
     if blur_p > 0:
         ops.append(K.RandomGaussianBlur(blur_kernel_size(blur_sigma[1], size), sigma=tuple(blur_sigma), p=blur_p))
     if solarize_p > 0:
@@ -86,15 +91,19 @@ class MultiCropAugmentation(nn.Module):
 
     def __init__(self, global_size: int, local_size: int, n_local_crops: int,
                  global_scale: tuple[float, float] = (0.4, 1.0), local_scale: tuple[float, float] = (0.05, 0.4),
-                 blur_sigma: tuple[float, float] = (0.1, 2.0), hflip_p: float = 0.5, n_global_crops: int = 2) -> None:
+                 blur_sigma: tuple[float, float] = (0.1, 2.0), hflip_p: float = 0.5, n_global_crops: int = 2,
+                 color_jitter_p: float = JITTER_P, grayscale_p: float = GRAYSCALE_P, solarize_p: float = SOLARIZE_P,
+                 blur: bool = True) -> None:
         super().__init__()
         if not 1 <= n_global_crops <= MAX_GLOBAL_CROPS:
             raise ValueError(f"n_global_crops must be 1 or {MAX_GLOBAL_CROPS} (DINO's global views); got "
                              f"{n_global_crops}")
         self.n_local_crops = n_local_crops
-        self.global_views = nn.ModuleList(_view(global_size, global_scale, hflip_p, blur_p, blur_sigma, solarize_p)
-                                          for blur_p, solarize_p in GLOBAL_VIEWS[:n_global_crops])
-        self.local = _view(local_size, local_scale, hflip_p, BLUR_P["local"], blur_sigma, 0.0)
+        colour = (color_jitter_p, grayscale_p)
+        self.global_views = nn.ModuleList(
+            _view(global_size, global_scale, hflip_p, *colour, blur_p * blur, blur_sigma, solarize_p * (view == 1))
+            for view, blur_p in enumerate(GLOBAL_BLUR_P[:n_global_crops]))
+        self.local = _view(local_size, local_scale, hflip_p, *colour, BLUR_P["local"] * blur, blur_sigma, 0.0)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 

@@ -10,8 +10,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from dino.augment import eval_transform
+from dino.data import DataError, Datasets, build_datasets
 
 CHUNK = 256
+DATA_HELP = ("labelled image folder (class sub-folders; train/ and val/ used when present, else a 70/30 stratified "
+             "split); default: the checkpoint's data (digits if none)")
 
 
 @torch.no_grad()
@@ -73,6 +76,19 @@ def load_teacher_backbone(checkpoint: str, device: torch.device):
     return model.backbone.to(device).eval(), cfg
 
 
+def load_evaluation(checkpoint: str, data: str | None, device_name: str, method: str
+                    ) -> tuple[torch.nn.Module, Datasets, int, torch.device]:
+    """What a CLI evaluation of frozen features needs: the teacher backbone of ``checkpoint``, the labelled datasets
+    of ``data`` (default: the checkpoint's), the image size (the global crops') and the device (``auto``: cuda when
+    available). :class:`DataError` when the data has no labels (``method`` names the evaluation that needs them)."""
+    device = torch.device(device_name if device_name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    backbone, cfg = load_teacher_backbone(checkpoint, device)
+    datasets = build_datasets(data if data is not None else cfg.data, cfg.image_size, cfg.global_size)
+    if datasets.knn_train is None:
+        raise DataError(f"--data: {datasets.name} has no class sub-folders: {method} needs labels")
+    return backbone, datasets, cfg.global_size, device
+
+
 def main(argv: list[str] | None = None) -> int:
     """The CLI: an error the user can fix is one ``error: ...`` line and exit code 2 (with ``--debug``, its
     traceback)."""
@@ -84,9 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         "Weighted k-NN top-1 of a checkpoint's teacher backbone (normed CLS features, cosine similarity, votes "
         "weighted exp(sim/T)) on the held-out split of the training data or of --data."))
     parser.add_argument("--checkpoint", required=True, help="checkpoint file or run directory")
-    parser.add_argument("--data", default=None, help="labelled image folder (class sub-folders; train/ and val/ "
-                                                     "used when present, else a 70/30 stratified split); default: "
-                                                     "the checkpoint's data (digits if none)")
+    parser.add_argument("--data", default=None, help=DATA_HELP)
     parser.add_argument("--k", type=int, default=20, help="neighbours (default 20)")
     parser.add_argument("--temperature", type=float, default=0.07, help="vote temperature T (default 0.07)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N; auto = cuda when available")
@@ -107,15 +121,9 @@ def main(argv: list[str] | None = None) -> int:
 def evaluate_checkpoint(checkpoint: str, data: str | None, device_name: str, k: int, temperature: float,
                         num_workers: int) -> None:
     """Print the k-NN top-1 of ``checkpoint``'s teacher backbone on ``data`` (default: the checkpoint's data)."""
-    from dino.data import DataError, build_datasets
-
-    device = torch.device(device_name if device_name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    backbone, cfg = load_teacher_backbone(checkpoint, device)
-    datasets = build_datasets(data if data is not None else cfg.data, cfg.image_size, cfg.global_size)
-    if datasets.knn_train is None:
-        raise DataError(f"--data: {datasets.name} has no class sub-folders: k-NN needs labels")
-    acc = knn_accuracy(backbone, datasets.knn_train, datasets.knn_test, datasets.num_classes, cfg.global_size,
-                       device, k, temperature, num_workers=num_workers)
+    backbone, datasets, size, device = load_evaluation(checkpoint, data, device_name, "k-NN")
+    acc = knn_accuracy(backbone, datasets.knn_train, datasets.knn_test, datasets.num_classes, size, device, k,
+                       temperature, num_workers=num_workers)
     print(f"k-NN (k={k}, T={temperature}) top-1 on {datasets.name}: {acc:.2f}% "
           f"({len(datasets.knn_test)} test images, {len(datasets.knn_train)} in the memory bank)")
 

@@ -12,7 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def plot_curves(history: list[dict[str, Any]], path: str, out_dim: int) -> None:
-    """Loss, teacher entropy against ln K, KL(teacher ‖ student) and k-NN top-1, per epoch, into ``path`` (PNG)."""
+    """Loss, teacher entropy against ln K, KL(teacher ‖ student), k-NN top-1 and the linear probe's top-1 (the
+    epochs that have one: the last), per epoch, into ``path`` (PNG)."""
     epochs = [r["epoch"] for r in history]
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), constrained_layout=True)
     ax = axes[0, 0]
@@ -28,9 +29,14 @@ def plot_curves(history: list[dict[str, Any]], path: str, out_dim: int) -> None:
     ax.plot(epochs, [r["kl"] for r in history], marker=".")
     ax.set(title="KL(teacher ‖ student)", xlabel="epoch", ylabel="nats")
     ax = axes[1, 1]
-    points = [(r["epoch"], r["knn_top1"]) for r in history if r.get("knn_top1") is not None]
-    if points:
-        ax.plot(*zip(*points), marker="o")
-    ax.set(title="k-NN top-1 (teacher, held-out)", xlabel="epoch", ylabel="%")
+    knn = [(r["epoch"], r["knn_top1"]) for r in history if r.get("knn_top1") is not None]
+    linear = [(r["epoch"], r["linear_top1"]) for r in history if r.get("linear_top1") is not None]
+    if knn:
+        ax.plot(*zip(*knn), marker="o", label="k-NN")
+    if linear:
+        ax.plot(*zip(*linear), linestyle="none", marker="*", markersize=14, color="tab:red", label="linear probe")
+    if knn or linear:
+        ax.legend(fontsize=8)
+    ax.set(title="k-NN and linear top-1 (teacher, held-out)", xlabel="epoch", ylabel="%")
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -42,6 +42,7 @@ from dino.checkpoint import (
 from dino.config import RUNTIME_FIELDS, Config, parse_args, run_command
 from dino.data import DataError, build_datasets
 from dino.eval_knn import knn_accuracy
+from dino.eval_linear import linear_accuracy
 from dino.model import DINOModel, build_model
 from dino.schedules import Schedules
 
@@ -221,7 +222,9 @@ class Trainer:
         self.schedules = Schedules.from_config(cfg, self.iters_per_epoch, self.info.world_size)
         self.augment = MultiCropAugmentation(cfg.global_size, cfg.local_size, cfg.n_local_crops, cfg.global_scale,
                                              cfg.local_scale, cfg.blur_sigma, cfg.hflip_p,
-                                             n_global_crops=cfg.n_global_crops).to(self.device)
+                                             n_global_crops=cfg.n_global_crops, color_jitter_p=cfg.color_jitter_p,
+                                             grayscale_p=cfg.grayscale_p, solarize_p=cfg.solarize_p,
+                                             blur=cfg.blur).to(self.device)
 
         self.student: DINOModel = build_model(cfg, drop_path=True).to(self.device)
         self.teacher: DINOModel = build_model(cfg, drop_path=False).to(self.device)
@@ -393,6 +396,16 @@ class Trainer:
                                 self.data.num_classes, self.cfg.global_size, self.device, self.cfg.knn_k,
                                 self.cfg.knn_temperature, num_workers=0, autocast_dtype=self.amp_dtype)
 
+    def linear_probe(self) -> float | None:
+        """Linear-probe top-1 (percent, :mod:`dino.eval_linear`) of the teacher backbone on the held-out split, on a
+        fork of the RNG states as :meth:`evaluate`; None without labels or with a single class."""
+        if self.data.knn_train is None or self.data.num_classes < 2:
+            return None
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            return linear_accuracy(self.teacher.backbone, self.data.knn_train, self.data.knn_test,
+                                   self.data.num_classes, self.cfg.global_size, self.device,
+                                   autocast_dtype=self.amp_dtype)
+
     def fit(self) -> list[dict[str, Any]]:
         cfg, info = self.cfg, self.info
         ln_k = math.log(cfg.out_dim)
@@ -415,16 +428,18 @@ class Trainer:
                     torch.cuda.reset_peak_memory_stats(self.device)
                 stats = self.train_epoch(epoch)
                 last = epoch + 1 == cfg.epochs
-                knn = None
+                knn = linear = None
                 if info.main and (last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
                     knn = self.evaluate()
+                if info.main and last:
+                    linear = self.linear_probe()
                 it = self.step - 1
                 record = {
                     "epoch": epoch + 1, "step": self.step, "loss": stats.loss, "lr": float(self.schedules.lr[it]),
                     "weight_decay": float(self.schedules.weight_decay[it]),
                     "teacher_temp": float(self.schedules.teacher_temp[epoch]),
                     "momentum": float(self.schedules.momentum[it]), "teacher_entropy": stats.entropy,
-                    "ln_k": ln_k, "kl": stats.kl, "koleo": stats.koleo, "knn_top1": knn,
+                    "ln_k": ln_k, "kl": stats.kl, "koleo": stats.koleo, "knn_top1": knn, "linear_top1": linear,
                     "img_per_s": stats.images / stats.seconds, "epoch_seconds": stats.seconds,
                     "peak_mem_mb": peak_memory_mb(self.device),
                 }
@@ -473,10 +488,11 @@ class Trainer:
         save_file(weights, os.path.join(out, "teacher_backbone.safetensors"),
                   metadata={"config": json.dumps(self.cfg.to_dict())})
         final = self.history[-1] if self.history else {}
-        knn = final.get("knn_top1")
+        knn, linear = final.get("knn_top1"), final.get("linear_top1")
         total = sum(r["epoch_seconds"] for r in self.history)
         print(f"done: {len(self.history)} epochs, {total:.0f} s of training"
               + (f", final k-NN top-1 {knn:.2f}%" if knn is not None else "")
+              + (f", linear probe top-1 {linear:.2f}%" if linear is not None else "")
               + f". Run directory: {out}", flush=True)
 
 

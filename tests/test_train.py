@@ -95,12 +95,16 @@ def test_augmentation_shapes_layout_and_ranges():
 
 
 @pytest.mark.usefixtures("kornia")
-def test_augmentation_probabilities():
-    """Grayscale fires with p = 0.2 per view; solarisation only on global 2 (p = 0.2): on a constant bright image
-    (flat, so crops, blur and flips do nothing) solarised pixels become dark."""
+@pytest.mark.parametrize(("grayscale_p", "solarize_p"), [(None, None), (0.5, 0.6)])
+def test_augmentation_probabilities(grayscale_p, solarize_p):
+    """Grayscale fires with p = grayscale_p (DINO's 0.2 by default) per view; solarisation only on global 2 (p =
+    solarize_p, 0.2 by default): on a constant bright image (flat, so crops, blur and flips do nothing) solarised
+    pixels become dark."""
+    chosen = {k: v for k, v in (("grayscale_p", grayscale_p), ("solarize_p", solarize_p)) if v is not None}
+    grayscale_p, solarize_p = chosen.get("grayscale_p", 0.2), chosen.get("solarize_p", 0.2)
     torch.manual_seed(1)
     b = 400
-    aug = MultiCropAugmentation(16, 8, 1, hflip_p=0.5)
+    aug = MultiCropAugmentation(16, 8, 1, hflip_p=0.5, **chosen)
     colourful = _images(b, seed=3)
     crops = aug(colourful)
     mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
@@ -108,20 +112,28 @@ def test_augmentation_probabilities():
         pixels = c * std + mean
         gray = ((pixels[:, 0] - pixels[:, 1]).abs().amax((1, 2)) < 1e-4) & (
             (pixels[:, 1] - pixels[:, 2]).abs().amax((1, 2)) < 1e-4)
-        assert abs(gray.float().mean().item() - 0.2) < 0.06
-    # A flat white image: colour jitter only lowers it to >= 0.6 * 0.6 = 0.36 of white in the worst case, solarise
-    # (threshold 128/255) maps values >= 0.502 to 1 - v < 0.5.
+        assert abs(gray.float().mean().item() - grayscale_p) < 0.08
+    # A flat white image without colour jitter (which could lower it to 0.36 of white): solarise (threshold
+    # 128/255) maps values >= 0.502 to 1 - v < 0.5.
     white = torch.full((b, 3, 32, 32), 255, dtype=torch.uint8)
     torch.manual_seed(2)
-    no_jitter = MultiCropAugmentation(16, 8, 1)
-    for view in (*no_jitter.global_views, no_jitter.local):
-        for op in view:
-            if type(op).__name__ == "ColorJitter":
-                op.p = 0.0
-    g = no_jitter(white)[0] * std + mean
+    g = MultiCropAugmentation(16, 8, 1, color_jitter_p=0.0, **chosen)(white)[0] * std + mean
     dark = g.mean((1, 2, 3)) < 0.5
     assert dark[:b].sum() == 0  # global 1 is never solarised
-    assert abs(dark[b:].float().mean().item() - 0.2) < 0.06
+    assert abs(dark[b:].float().mean().item() - solarize_p) < 0.08
+
+
+@pytest.mark.usefixtures("kornia")
+def test_augmentation_without_colour_or_blur_only_crops():
+    """With every colour operation and the blur off, a view is a crop (+ clamp) and nothing else: a flat grey image
+    stays exactly that grey in every crop."""
+    aug = MultiCropAugmentation(16, 8, 2, color_jitter_p=0.0, grayscale_p=0.0, solarize_p=0.0, blur=False)
+    for view in (*aug.global_views, aug.local):
+        assert [type(op).__name__ for op in view] == ["RandomResizedCrop", "_ClampUnit", "RandomHorizontalFlip"]
+    grey = torch.full((4, 3, 32, 32), 77, dtype=torch.uint8)
+    expected = (77 / 255 - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    for crops in aug(grey):
+        torch.testing.assert_close(crops, expected.expand_as(crops), rtol=0, atol=1e-5)
 
 
 @pytest.mark.usefixtures("kornia")
@@ -364,7 +376,9 @@ def test_config_presets_and_overrides():
     for bad, message in (({"n_global_crops": 0}, "n_global_crops must be >= 1"),
                          ({"n_global_crops": 3}, "n_global_crops must be at most 2"),
                          ({"n_global_crops": 1, "n_local_crops": 0}, "n_global_crops \\+ n_local_crops must be >= 2"),
-                         ({"epochs": 3, "warmup_teacher_temp_epochs": 4}, "warmup_teacher_temp_epochs must be in")):
+                         ({"epochs": 3, "warmup_teacher_temp_epochs": 4}, "warmup_teacher_temp_epochs must be in"),
+                         ({"solarize_p": 1.5}, r"solarize_p is a probability, in \[0, 1\]; got 1.5"),
+                         ({"color_jitter_p": -0.1}, "color_jitter_p is a probability")):
         with pytest.raises(ValueError, match=message):
             resolve_config({"preset": "cpu-tiny", "output_dir": "x", **bad})
 
@@ -378,11 +392,14 @@ def test_tiny_run_outputs(tiny_run):
     lines = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert len(lines) == cfg.epochs == len(history)
     required = {"epoch", "loss", "lr", "weight_decay", "teacher_temp", "momentum", "teacher_entropy", "kl",
-                "knn_top1", "img_per_s", "peak_mem_mb"}
+                "knn_top1", "linear_top1", "img_per_s", "peak_mem_mb"}
     for line in lines:
         assert required <= set(line)
         assert math.isfinite(line["loss"]) and 0 <= line["knn_top1"] <= 100 and line["img_per_s"] > 0
         assert 0 <= line["teacher_entropy"] <= math.log(cfg.out_dim) + 1e-4
+    # The linear probe runs once, at the end: far above chance (10 %) on the digits, even for this tiny ViT.
+    assert [line["linear_top1"] for line in lines[:-1]] == [None] * (cfg.epochs - 1)
+    assert isinstance(lines[-1]["linear_top1"], float) and 30 < lines[-1]["linear_top1"] <= 100
     state = load_checkpoint(out)
     assert state["epoch"] == cfg.epochs and isinstance(state["config"], dict)
 
@@ -415,6 +432,17 @@ def test_eval_knn_and_visualize_clis(tiny_run, tmp_path):
     assert own.stat().st_size > 0
     assert visualize.threshold_mask(torch.tensor([[0.5, 0.3], [0.15, 0.05]]), 0.6).tolist() == [[True, True],
                                                                                                   [False, False]]
+
+
+def test_eval_linear_cli(tiny_run):
+    """``python -m dino.eval_linear`` on the run directory reproduces the run's final linear probe (same device)."""
+    cfg, history = tiny_run
+    result = subprocess.run([sys.executable, "-m", "dino.eval_linear", "--checkpoint", cfg.output_dir, "--device",
+                             "cpu"], capture_output=True, text=True, env=subprocess_env(), cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr
+    reported = float(result.stdout.split("linear probe top-1 on digits: ")[1].split("%")[0])
+    assert reported == pytest.approx(history[-1]["linear_top1"], abs=0.01)
+    assert "(540 test images, 1257 training images)" in result.stdout
 
 
 def test_checkpoint_round_trip_and_rng(tmp_path):
@@ -501,8 +529,8 @@ def test_exact_resume(tiny_run, tmp_path, monkeypatch):
 def test_resume_rejects_a_different_recipe(tiny_run, tmp_path):
     cfg, _ = tiny_run
     with pytest.raises(CheckpointError, match="embed_dim"):
-        train_mod.Trainer(resolve_config({"resume": cfg.output_dir, "embed_dim": 64}),
-                          {"resume": cfg.output_dir, "embed_dim": 64})
+        train_mod.Trainer(resolve_config({"resume": cfg.output_dir, "embed_dim": 48}),
+                          {"resume": cfg.output_dir, "embed_dim": 48})
     assert load_checkpoint(cfg.output_dir)["epoch"] == cfg.epochs  # untouched
 
 
@@ -685,7 +713,8 @@ def test_trainer_passes_its_config_on(tmp_path, monkeypatch):
     monkeypatch.setattr(train_mod, "knn_accuracy", knn)
     options = {"image_size": 28, "global_size": 16, "local_size": 8, "n_local_crops": 3, "n_global_crops": 1,
                "global_scale": (0.5, 0.9), "local_scale": (0.2, 0.3), "blur_sigma": (0.2, 0.4), "hflip_p": 0.3,
-               "batch_size": 100, "out_dim": 48, "embed_dim": 24, "depth": 3, "knn_k": 7, "knn_temperature": 0.2,
+               "color_jitter_p": 0.6, "grayscale_p": 0.1, "solarize_p": 0.4, "blur": False, "batch_size": 100,
+               "out_dim": 48, "embed_dim": 24, "depth": 3, "knn_k": 7, "knn_temperature": 0.2,
                "epochs": 4, "warmup_epochs": 2, **STEP_RECIPE}
     cfg, values = tiny_config(tmp_path, **options)
     trainer = train_mod.Trainer(cfg, values)
@@ -693,7 +722,7 @@ def test_trainer_passes_its_config_on(tmp_path, monkeypatch):
     assert trainer.loader.batch_size == 100 and trainer.iters_per_epoch == len(trainer.data.train) // 100
     assert trainer.loader.num_workers == cfg.num_workers == 0  # the preset's is 1
     augmentation_options = ("global_size", "local_size", "n_local_crops", "global_scale", "local_scale", "blur_sigma",
-                            "hflip_p", "n_global_crops")
+                            "hflip_p", "n_global_crops", "color_jitter_p", "grayscale_p", "solarize_p", "blur")
     assert {name: tuple(v) if isinstance(v, list) else v for name, v in recorded["augmentation"].items()} == {
         name: getattr(cfg, name) for name in augmentation_options}
     ipe = trainer.iters_per_epoch
