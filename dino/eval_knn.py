@@ -6,6 +6,8 @@ training neighbours votes for its class with weight exp(sim / T); the class with
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -51,14 +53,23 @@ def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, test_f
     return torch.cat(preds)
 
 
-def knn_accuracy(backbone: torch.nn.Module, train_set: Dataset, test_set: Dataset, num_classes: int, size: int,
-                 device: torch.device, k: int = 20, temperature: float = 0.07, num_workers: int = 0,
-                 autocast_dtype: torch.dtype | None = None) -> float:
-    """Top-1 k-NN accuracy in percent of ``backbone`` features: ``train_set`` is the memory bank."""
+def extract_splits(backbone: torch.nn.Module, train_set: Dataset, test_set: Dataset, size: int, device: torch.device,
+                   num_workers: int = 0, autocast_dtype: torch.dtype | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`extract_features` of both splits: train features, train labels, test features, test labels."""
     train_f, train_y = extract_features(backbone, train_set, size, device, num_workers=num_workers,
                                         autocast_dtype=autocast_dtype)
     test_f, test_y = extract_features(backbone, test_set, size, device, num_workers=num_workers,
                                       autocast_dtype=autocast_dtype)
+    return train_f, train_y, test_f, test_y
+
+
+def knn_accuracy(backbone: torch.nn.Module, train_set: Dataset, test_set: Dataset, num_classes: int, size: int,
+                 device: torch.device, k: int = 20, temperature: float = 0.07, num_workers: int = 0,
+                 autocast_dtype: torch.dtype | None = None) -> float:
+    """Top-1 k-NN accuracy in percent of ``backbone`` features: ``train_set`` is the memory bank."""
+    train_f, train_y, test_f, test_y = extract_splits(backbone, train_set, test_set, size, device, num_workers,
+                                                      autocast_dtype)
     pred = knn_predict(train_f, train_y, test_f, num_classes, k, temperature)
     return 100.0 * (pred == test_y).float().mean().item()
 
@@ -89,31 +100,47 @@ def load_evaluation(checkpoint: str, data: str | None, device_name: str, method:
     return backbone, datasets, cfg.global_size, device
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The CLI: an error the user can fix is one ``error: ...`` line and exit code 2 (with ``--debug``, its
-    traceback)."""
-    import argparse
+def evaluation_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The options every evaluation CLI of a checkpoint shares: --checkpoint, --data, --device, --num-workers,
+    --debug; a CLI adds its own, then calls :func:`parse_evaluation_args`."""
+    from dino.config import DEBUG_HELP
 
-    from dino.config import DEBUG_HELP, check_device, run_command
-
-    parser = argparse.ArgumentParser(prog="python -m dino.eval_knn", description=(
-        "Weighted k-NN top-1 of a checkpoint's teacher backbone (normed CLS features, cosine similarity, votes "
-        "weighted exp(sim/T)) on the held-out split of the training data or of --data."))
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--checkpoint", required=True, help="checkpoint file or run directory")
     parser.add_argument("--data", default=None, help=DATA_HELP)
-    parser.add_argument("--k", type=int, default=20, help="neighbours (default 20)")
-    parser.add_argument("--temperature", type=float, default=0.07, help="vote temperature T (default 0.07)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N; auto = cuda when available")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (default 0)")
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    return parser
+
+
+def parse_evaluation_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parsed arguments of an :func:`evaluation_parser`, with the shared ones checked (``parser.error`` otherwise)."""
+    from dino.config import check_device
+
     args = parser.parse_args(argv)
     try:
         check_device(args.device)
     except ValueError as err:
         parser.error(str(err))
-    if args.k < 1 or args.temperature <= 0 or args.num_workers < 0:
-        parser.error(f"--k must be >= 1, --temperature > 0 and --num-workers >= 0; got {args.k}, {args.temperature} "
-                     f"and {args.num_workers}")
+    if args.num_workers < 0:
+        parser.error(f"--num-workers must be >= 0; got {args.num_workers}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The CLI: an error the user can fix is one ``error: ...`` line and exit code 2 (with ``--debug``, its
+    traceback)."""
+    from dino.config import run_command
+
+    parser = evaluation_parser("python -m dino.eval_knn", (
+        "Weighted k-NN top-1 of a checkpoint's teacher backbone (normed CLS features, cosine similarity, votes "
+        "weighted exp(sim/T)) on the held-out split of the training data or of --data."))
+    parser.add_argument("--k", type=int, default=20, help="neighbours (default 20)")
+    parser.add_argument("--temperature", type=float, default=0.07, help="vote temperature T (default 0.07)")
+    args = parse_evaluation_args(parser, argv)
+    if args.k < 1 or args.temperature <= 0:
+        parser.error(f"--k must be >= 1 and --temperature > 0; got {args.k} and {args.temperature}")
     return run_command(lambda: evaluate_checkpoint(args.checkpoint, args.data, args.device, args.k, args.temperature,
                                                    args.num_workers), args.debug)
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from dino.eval_knn import DATA_HELP, extract_features, load_evaluation
+from dino.eval_knn import evaluation_parser, extract_splits, load_evaluation, parse_evaluation_args
 
 BACKENDS = ("auto", "sklearn", "torch")
 C_GRID = (1e-2, 0.1, 1.0, 10.0, 100.0)
@@ -120,36 +120,19 @@ def _fit_torch(x: torch.Tensor, y: torch.Tensor, num_classes: int, c: float) -> 
 def linear_accuracy(backbone: torch.nn.Module, train_set: Dataset, test_set: Dataset, num_classes: int, size: int,
                     device: torch.device, num_workers: int = 0, autocast_dtype: torch.dtype | None = None) -> float:
     """Linear-probe top-1 in percent of ``backbone`` features: fitted on ``train_set``, scored on ``test_set``."""
-    train_f, train_y = extract_features(backbone, train_set, size, device, num_workers=num_workers,
-                                        autocast_dtype=autocast_dtype)
-    test_f, test_y = extract_features(backbone, test_set, size, device, num_workers=num_workers,
-                                      autocast_dtype=autocast_dtype)
-    return linear_probe_accuracy(train_f, train_y, test_f, test_y, num_classes)
+    features = extract_splits(backbone, train_set, test_set, size, device, num_workers, autocast_dtype)
+    return linear_probe_accuracy(*features, num_classes)
 
 
 def main(argv: list[str] | None = None) -> int:
     """The CLI: an error the user can fix is one ``error: ...`` line and exit code 2 (with ``--debug``, its
     traceback)."""
-    import argparse
+    from dino.config import run_command
 
-    from dino.config import DEBUG_HELP, check_device, run_command
-
-    parser = argparse.ArgumentParser(prog="python -m dino.eval_linear", description=(
+    parser = evaluation_parser("python -m dino.eval_linear", (
         "Linear-probe top-1 of a checkpoint's teacher backbone (logistic regression on its normed CLS features, C "
         "cross-validated on the training split) on the held-out split of the training data or of --data."))
-    parser.add_argument("--checkpoint", required=True, help="checkpoint file or run directory")
-    parser.add_argument("--data", default=None, help=DATA_HELP)
-    parser.add_argument("--device", default="auto", help="cpu (scikit-learn fit), cuda, cuda:N (torch fit); auto = "
-                                                         "cuda when available")
-    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (default 0)")
-    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
-    args = parser.parse_args(argv)
-    try:
-        check_device(args.device)
-    except ValueError as err:
-        parser.error(str(err))
-    if args.num_workers < 0:
-        parser.error(f"--num-workers must be >= 0; got {args.num_workers}")
+    args = parse_evaluation_args(parser, argv)
     return run_command(lambda: evaluate_checkpoint(args.checkpoint, args.data, args.device, args.num_workers),
                        args.debug)
 
