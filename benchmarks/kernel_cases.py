@@ -23,6 +23,7 @@ import torch
 
 import dino_kernels
 from dino_kernels import reference
+from dino_kernels.ibot_patch_loss import ibot_patch_loss
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
@@ -43,6 +44,37 @@ def _case_dino_loss(device: str, dtype: torch.dtype) -> list[tuple[str, float]]:
     ref_loss = reference.dino_loss(ref_student, teacher.double(), center.double())
     (ref_grad,) = torch.autograd.grad(ref_loss * 1.7, ref_student)
     return [("loss", _rel_error(loss, ref_loss)), ("grad", _rel_error(grad, ref_grad))]
+
+
+def _case_ibot_patch_loss(device: str, dtype: torch.dtype) -> list[tuple[str, float]]:
+    m, k = 37, 1000
+    student = (torch.rand(m, k, device=device) * 2 - 1).to(dtype).requires_grad_()
+    teacher = (torch.rand(m, k, device=device) * 2 - 1).to(dtype)
+    center = torch.randn(1, k, device=device) * 0.1
+    weights = torch.rand(m, device=device)
+    loss = ibot_patch_loss(student, teacher, center, weights, n_images=5)
+    (grad,) = torch.autograd.grad(loss * 1.7, student)
+    ref_student = student.detach().double().requires_grad_()
+    ref_loss = reference.ibot_patch_loss(ref_student, teacher.double(), center.double(), weights.double(), n_images=5)
+    (ref_grad,) = torch.autograd.grad(ref_loss * 1.7, ref_student)
+    return [("loss", _rel_error(loss, ref_loss)), ("grad", _rel_error(grad, ref_grad))]
+
+
+def _case_sinkhorn_knopp(device: str, dtype: torch.dtype) -> list[tuple[str, float]]:
+    from dino_kernels.sinkhorn_knopp import sinkhorn_knopp
+
+    teacher = (torch.rand(11, 2100, device=device) * 6 - 3).to(dtype)  # a sharp teacher at τt = 0.04
+    student = (torch.rand(3 * 4, 2100, device=device) * 2 - 1).to(dtype).requires_grad_()
+    targets = sinkhorn_knopp(teacher, 0.04, 3)
+    ref_targets = reference.sinkhorn_knopp(teacher.double(), 0.04, 3)
+    center = torch.zeros(2100, device=device)
+    loss = dino_kernels.dino_loss(student, teacher[:6], center, centering="sinkhorn_knopp")
+    (grad,) = torch.autograd.grad(loss * 1.7, student)
+    ref_student = student.detach().double().requires_grad_()
+    ref_loss = reference.dino_loss(ref_student, teacher[:6].double(), center.double(), centering="sinkhorn_knopp")
+    (ref_grad,) = torch.autograd.grad(ref_loss * 1.7, ref_student)
+    return [("targets", _rel_error(targets, ref_targets)), ("loss", _rel_error(loss, ref_loss)),
+            ("grad", _rel_error(grad, ref_grad))]
 
 
 def _case_packed_attention(device: str, dtype: torch.dtype) -> list[tuple[str, float]]:
@@ -88,6 +120,18 @@ def _case_ema(device: str, dtype: torch.dtype) -> list[tuple[str, float]]:
     return [(f"tensor {i}", _rel_error(t, e)) for i, (t, e) in enumerate(zip(teacher, expected))]
 
 
+def _case_koleo(device: str, dtype: torch.dtype) -> list[tuple[str, float]]:
+    from dino_kernels.koleo import koleo_loss
+
+    features = torch.randn(67, 130, device=device).to(dtype).requires_grad_()  # row and D tails in every tile
+    loss = koleo_loss(features)
+    (grad,) = torch.autograd.grad(loss * 1.7, features)
+    ref_features = features.detach().double().requires_grad_()
+    ref_loss = reference.koleo_loss(ref_features)
+    (ref_grad,) = torch.autograd.grad(ref_loss * 1.7, ref_features)
+    return [("loss", _rel_error(loss, ref_loss)), ("grad", _rel_error(grad, ref_grad))]
+
+
 def _bad_inputs(device: str) -> list[tuple[str, Callable[[], object]]]:
     """One call per C++ entry point that its own checks must reject (past the Python checks where there are any)."""
     from dino_kernels._extension import ops
@@ -101,14 +145,22 @@ def _bad_inputs(device: str) -> list[tuple[str, Callable[[], object]]]:
         ("attention C++ cu_seqlens", lambda: ops().packed_attention_fwd_cpu(
             x.view(4, 2, 4), x.view(4, 2, 4), x.view(4, 2, 4), cu.flip(0), 0.5)),
         ("dino_loss C++ rescale", lambda: ops().dino_loss_rescale_cpu_(x, torch.ones(3), 1.0)),
+        ("koleo C++ neighbours", lambda: ops().koleo_backward_cpu(torch.ones(()), x, x, torch.full((4,), 4), x[:, 0],
+                                                                  x[:, 0], 1e-8)),
+        ("sinkhorn_knopp C++ shapes", lambda: ops().sinkhorn_knopp_write_cpu(x, torch.zeros(7), x[:, 0], x[:, 0], 0.1)),
+        ("ibot_patch_loss C++ shapes", lambda: ops().ibot_patch_loss_cpu(x, x[:3], torch.zeros(8), torch.zeros(4), None,
+                                                                          None, 0.1, 0.07, True)),
     ]
 
 
 CASES: dict[str, Callable[[str, torch.dtype], list[tuple[str, float]]]] = {
     "dino_loss": _case_dino_loss,
+    "ibot_patch_loss": _case_ibot_patch_loss,
+    "sinkhorn_knopp": _case_sinkhorn_knopp,
     "packed_attention": _case_packed_attention,
     "stochastic_depth": _case_stochastic_depth,
     "ema": _case_ema,
+    "koleo": _case_koleo,
 }
 
 

@@ -6,7 +6,9 @@
 // every student crop v of the image then needs only q = sum_{i != v} p_i, because
 //   sum_{i != v} CE(p_i, s_v) = |q| * LSE(s_v / tau_s) - q . s_v / tau_s      (|q| = number of teacher crops i != v)
 //   d/ds_v = (|q| * softmax(s_v / tau_s) - q) / tau_s, times 1 / (B * P) for the batch and pair means.
-// Nothing of size (rows, K) is materialised besides the gradient itself.
+// Nothing of size (rows, K) is materialised besides the gradient itself. With Sinkhorn-Knopp centering the teacher
+// rows are instead p = exp((t - shift) / tau_t - row_max) * row_inv_norm from the scalings that
+// csrc/sinkhorn_knopp.cpp computed over all the teacher rows (the column shift comes in the center's place).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -18,6 +20,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -57,6 +60,14 @@ struct Scalars {
   acc_t inv_student_temp;
   double inv_teacher_temp;
   acc_t grad_scale;  // the stored gradient is (|q| softmax - q) * grad_scale (dino_loss.py picks it per dtype)
+};
+
+// Sinkhorn-Knopp targets' row scalings and entropies, per teacher row (all null: softmax centering).
+template <typename acc_t>
+struct SkRows {
+  const acc_t* row_max;
+  const acc_t* row_inv_norm;
+  const acc_t* entropy;
 };
 
 // Sums over a row run in blocks: the vector lanes accumulate kSumBlock elements in acc_t, and the block totals are
@@ -105,6 +116,18 @@ DK_VECTOR_CLONES acc_t teacher_probabilities(const T* t, const acc_t* c, double 
   return static_cast<acc_t>(std::log(n_max) + std::log1p(rest / n_max) - w / z);
 }
 
+// Sinkhorn-Knopp probabilities of one teacher row, in place on `prob`, with u formed in double as
+// csrc/sinkhorn_knopp.cpp formed it for the row's max and normaliser.
+template <typename T, typename acc_t>
+DK_VECTOR_CLONES void sk_probabilities(const T* t, const acc_t* shift, double inv_temp, double row_max,
+                                       acc_t row_inv_norm, int64_t k, acc_t* prob) {
+#pragma omp simd
+  for (int64_t j = 0; j < k; ++j) {
+    const double u = (static_cast<double>(t[j]) - static_cast<double>(shift[j])) * inv_temp;
+    prob[j] = exp_acc(static_cast<acc_t>(u - row_max)) * row_inv_norm;
+  }
+}
+
 // One student row against its target q (|q| = n_q teacher crops): returns the row's loss and, when `grad` is not
 // null, writes (n_q softmax(s / tau_s) - q) * grad_scale there. `x` is scratch of length k.
 template <typename S, typename acc_t>
@@ -149,7 +172,8 @@ DK_VECTOR_CLONES acc_t student_row(const S* s, const acc_t* q, acc_t n_q, const 
 // `scratch` holds (G + 3) rows of k: the G probability rows, the two kinds of target and the student row.
 template <typename S, typename T, typename acc_t>
 void dino_loss_image(int64_t b, const S* student, const T* teacher, const acc_t* center, S* grad, acc_t* row_loss,
-                     acc_t* entropy, const Shape& shape, const Scalars<acc_t>& sc, acc_t* scratch) {
+                     acc_t* entropy, const Shape& shape, const Scalars<acc_t>& sc, const SkRows<acc_t>& sk,
+                     acc_t* scratch) {
   const int64_t B = shape.batch, G = shape.n_global, k = shape.k;
   acc_t* prob = scratch;
   acc_t* q_all = prob + G * k;  // sum over every teacher crop: the target of each local crop
@@ -157,7 +181,13 @@ void dino_loss_image(int64_t b, const S* student, const T* teacher, const acc_t*
   acc_t* x = q_global + k;
   for (int64_t i = 0; i < G; ++i) {
     const int64_t row = i * B + b;
-    entropy[row] = teacher_probabilities(teacher + row * k, center, sc.inv_teacher_temp, k, prob + i * k);
+    if (sk.row_max != nullptr) {
+      sk_probabilities(teacher + row * k, center, sc.inv_teacher_temp, static_cast<double>(sk.row_max[row]),
+                       sk.row_inv_norm[row], k, prob + i * k);
+      entropy[row] = sk.entropy[row];
+    } else {
+      entropy[row] = teacher_probabilities(teacher + row * k, center, sc.inv_teacher_temp, k, prob + i * k);
+    }
   }
   std::fill(q_all, q_all + k, acc_t(0));
   for (int64_t i = 0; i < G; ++i) {
@@ -208,7 +238,8 @@ void teacher_column_mean(const T* teacher, int64_t rows, int64_t k, int64_t lo, 
 
 template <typename S, typename T, typename acc_t>
 void dino_loss_kernel(const S* student, const T* teacher, const acc_t* center, S* grad, acc_t* row_loss,
-                      acc_t* entropy, acc_t* mean, const Shape& shape, const Scalars<acc_t>& sc) {
+                      acc_t* entropy, acc_t* mean, const Shape& shape, const Scalars<acc_t>& sc,
+                      const SkRows<acc_t>& sk) {
   constexpr int64_t kMeanColumns = 1024;
   const int64_t n_chunks = (shape.k + kMeanColumns - 1) / kMeanColumns;
   const int64_t teacher_rows = shape.n_global * shape.batch;
@@ -219,7 +250,7 @@ void dino_loss_kernel(const S* student, const T* teacher, const acc_t* center, S
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     std::vector<acc_t> scratch(static_cast<size_t>((shape.n_global + 3) * shape.k));
     for (int64_t b = next_image++; b < shape.batch; b = next_image++) {
-      dino_loss_image(b, student, teacher, center, grad, row_loss, entropy, shape, sc, scratch.data());
+      dino_loss_image(b, student, teacher, center, grad, row_loss, entropy, shape, sc, sk, scratch.data());
     }
     for (int64_t chunk = next_chunk++; chunk < n_chunks; chunk = next_chunk++) {
       const int64_t lo = chunk * kMeanColumns;
@@ -230,10 +261,13 @@ void dino_loss_kernel(const S* student, const T* teacher, const acc_t* center, S
 
 // Python (dino_kernels/dino_loss.py) validates shapes, dtypes and devices, makes the inputs contiguous and passes
 // the center in the accumulation dtype (fp64 if an input is fp64, else fp32). Returns (loss, grad, teacher_mean,
-// entropy, kl), the scalars and the mean in the accumulation dtype; grad is empty unless compute_grad.
+// entropy, kl), the scalars and the mean in the accumulation dtype; grad is empty unless compute_grad. Sinkhorn-Knopp
+// centering passes the column shift as `center` and the (G * B,) row scalings and entropies, in that dtype too.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dino_loss_cpu(
     const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& center, int64_t n_global,
-    double student_temp, double teacher_temp, double grad_scale, bool compute_grad) {
+    double student_temp, double teacher_temp, double grad_scale, bool compute_grad,
+    const std::optional<at::Tensor>& sk_row_max, const std::optional<at::Tensor>& sk_row_inv_norm,
+    const std::optional<at::Tensor>& sk_entropy) {
   TORCH_CHECK(student.dim() == 2 && teacher.dim() == 2 && center.dim() == 1, "dino_loss_cpu: bad ranks");
   TORCH_CHECK(student.is_contiguous() && teacher.is_contiguous() && center.is_contiguous(),
               "dino_loss_cpu: inputs must be contiguous");
@@ -247,6 +281,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dino_loss
   const auto acc_type = center.scalar_type();
   TORCH_CHECK(acc_type == at::kFloat || acc_type == at::kDouble, "dino_loss_cpu: center must be float or double");
   const auto acc_options = center.options();
+  const bool sk = sk_row_max.has_value();
+  TORCH_CHECK(sk == sk_row_inv_norm.has_value() && sk == sk_entropy.has_value(),
+              "dino_loss_cpu: pass all three Sinkhorn-Knopp row tensors or none");
+  if (sk) {
+    for (const at::Tensor* r : {&*sk_row_max, &*sk_row_inv_norm, &*sk_entropy}) {
+      TORCH_CHECK(r->dim() == 1 && r->size(0) == teacher.size(0) && r->is_contiguous() && r->scalar_type() == acc_type,
+                  "dino_loss_cpu: Sinkhorn-Knopp row tensors must be contiguous (G * B,) in the center's dtype");
+    }
+  }
 
   at::Tensor grad = compute_grad ? at::empty_like(student) : at::empty({0}, student.options());
   at::Tensor row_loss = at::empty({student.size(0)}, acc_options);
@@ -264,9 +307,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dino_loss
                     "dino_loss_cpu: center dtype must be the accumulation dtype");
         const Scalars<acc_t> sc{static_cast<acc_t>(1.0 / student_temp), 1.0 / teacher_temp,
                                 static_cast<acc_t>(grad_scale)};
+        const SkRows<acc_t> rows = sk ? SkRows<acc_t>{sk_row_max->const_data_ptr<acc_t>(),
+                                                      sk_row_inv_norm->const_data_ptr<acc_t>(),
+                                                      sk_entropy->const_data_ptr<acc_t>()}
+                                      : SkRows<acc_t>{nullptr, nullptr, nullptr};
         dino_loss_kernel(student.const_data_ptr<student_t>(), teacher.const_data_ptr<teacher_t>(),
                          center.const_data_ptr<acc_t>(), compute_grad ? grad.data_ptr<student_t>() : nullptr,
-                         row_loss.data_ptr<acc_t>(), entropy.data_ptr<acc_t>(), mean.data_ptr<acc_t>(), shape, sc);
+                         row_loss.data_ptr<acc_t>(), entropy.data_ptr<acc_t>(), mean.data_ptr<acc_t>(), shape, sc,
+                         rows);
       };
       if (acc_type == at::kDouble) {
         run(double(0));
@@ -317,7 +365,8 @@ void dino_loss_rescale_cpu_(at::Tensor& grad, const at::Tensor& grad_output, dou
 TORCH_LIBRARY_FRAGMENT(dino_kernels_C, m) {
   m.def(
       "dino_loss_cpu(Tensor student, Tensor teacher, Tensor center, int n_global, float student_temp, "
-      "float teacher_temp, float grad_scale, bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "float teacher_temp, float grad_scale, bool compute_grad, Tensor? sk_row_max=None, "
+      "Tensor? sk_row_inv_norm=None, Tensor? sk_entropy=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("dino_loss_rescale_cpu_(Tensor(a!) grad, Tensor grad_output, float scale) -> ()");
 }
 

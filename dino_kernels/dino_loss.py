@@ -14,6 +14,12 @@ and a product per crop pair. Here nothing of size (rows, K) is written except th
    blocks, so K up to 262,144 and beyond works); the gradient is stored in the forward and the backward only rescales
    it by grad_output, skipping even that when grad_output is 1 (Liger-Kernel's cross-entropy trick).
 
+With ``centering="sinkhorn_knopp"`` (DINOv2) the targets are the Sinkhorn-Knopp targets of all G·B teacher rows
+together: :mod:`dino_kernels.sinkhorn_knopp` computes their scalings in the form of the softmax teacher (a column
+shift in the center's place, a row max and an inverse normaliser per row, and each row's entropy), which replaces
+the teacher pass, and the same student pass rebuilds the targets from them. The teacher mean is still that of the raw
+logits (from SK's first column pass).
+
 Implementations: Triton (GPU, and CPU under ``TRITON_INTERPRET=1``), C++ CPU (``csrc/dino_loss.cpp``: parallel over
 images, vectorised loops), and the official-style eager loss in :mod:`dino_kernels.reference`.
 """
@@ -44,6 +50,7 @@ from dino_kernels._validation import (
     check_tensor,
     check_unit_interval,
 )
+from dino_kernels.sinkhorn_knopp import TeacherTargets, check_count, compute_targets
 
 # fp16 cannot hold the gradient itself: entries of (|q| softmax − q)/(τs·B·P) fall below its subnormal range at
 # DINO's sizes, while after a GradScaler's grad_output they would be representable. fp16 gradients are therefore
@@ -301,31 +308,36 @@ def _grad_scales(dtype: torch.dtype, n_global: int, student_temp: float, batch: 
 
 
 def _dino_loss_triton(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor, n_global: int,
-                      student_temp: float, teacher_temp: float, grad_scale: float, compute_grad: bool) -> _Outputs:
-    """The teacher pass, its finalize and the student pass, on contiguous logits and a contiguous fp32 (K,) center."""
+                      student_temp: float, teacher_temp: float, grad_scale: float, compute_grad: bool,
+                      sk: tuple[TeacherTargets, torch.Tensor] | None = None) -> _Outputs:
+    """The teacher pass, its finalize and the student pass, on contiguous logits and a contiguous fp32 (K,) center.
+    With ``sk`` (Sinkhorn-Knopp targets and the raw teacher mean) the student pass alone, on those targets."""
     n_rows, n_cols = teacher.shape
     batch, n_crops, pairs = _layout(student, teacher, n_global)
     stats_config, finalize_config = TEACHER_STATS.configs[0], TEACHER_FINALIZE.configs[0]
     small, large = STUDENT.configs
     student_config = small if n_cols <= small["BLOCK_K"] else large
     fp32 = dict(dtype=torch.float32, device=student.device)
-    n_slices = triton.cdiv(n_cols, stats_config["BLOCK_K"])
-    partial_max64 = torch.empty((n_rows, n_slices), dtype=torch.float64, device=student.device)
-    partial = torch.empty((5, n_rows, n_slices), **fp32)
-    mean = torch.empty(n_cols, **fp32)
-    row_max = torch.empty(n_rows, **fp32)
-    inv_norm = torch.empty(n_rows, **fp32)
-    entropy = torch.empty(n_rows, **fp32)
     row_loss = torch.empty(student.shape[0], **fp32)
     grad = torch.empty_like(student) if compute_grad else student.new_empty(0)
-    inv_teacher_temp = float(np.float32(1.0 / teacher_temp))
-    TEACHER_STATS.launch((n_slices,), stats_config, teacher_ptr=teacher, center_ptr=center,
-                         partial_max64_ptr=partial_max64, partial_ptr=partial, mean_ptr=mean, n_rows=n_rows,
-                         n_cols=n_cols, n_slices=n_slices, inv_teacher_temp=inv_teacher_temp,
-                         inv_teacher_temp_lo=1.0 / teacher_temp - inv_teacher_temp, inv_rows=1.0 / n_rows)
-    TEACHER_FINALIZE.launch((n_rows,), finalize_config, partial_max64_ptr=partial_max64, partial_ptr=partial,
-                            max_ptr=row_max, inv_norm_ptr=inv_norm, entropy_ptr=entropy, n_rows=n_rows,
-                            n_slices=n_slices)
+    if sk is not None:  # SK's scalings take the place of the softmax teacher's center, max and normaliser
+        (center, row_max, inv_norm, entropy), mean = sk
+    else:
+        n_slices = triton.cdiv(n_cols, stats_config["BLOCK_K"])
+        partial_max64 = torch.empty((n_rows, n_slices), dtype=torch.float64, device=student.device)
+        partial = torch.empty((5, n_rows, n_slices), **fp32)
+        mean = torch.empty(n_cols, **fp32)
+        row_max = torch.empty(n_rows, **fp32)
+        inv_norm = torch.empty(n_rows, **fp32)
+        entropy = torch.empty(n_rows, **fp32)
+        inv_teacher_temp = float(np.float32(1.0 / teacher_temp))
+        TEACHER_STATS.launch((n_slices,), stats_config, teacher_ptr=teacher, center_ptr=center,
+                             partial_max64_ptr=partial_max64, partial_ptr=partial, mean_ptr=mean, n_rows=n_rows,
+                             n_cols=n_cols, n_slices=n_slices, inv_teacher_temp=inv_teacher_temp,
+                             inv_teacher_temp_lo=1.0 / teacher_temp - inv_teacher_temp, inv_rows=1.0 / n_rows)
+        TEACHER_FINALIZE.launch((n_rows,), finalize_config, partial_max64_ptr=partial_max64, partial_ptr=partial,
+                                max_ptr=row_max, inv_norm_ptr=inv_norm, entropy_ptr=entropy, n_rows=n_rows,
+                                n_slices=n_slices)
     STUDENT.launch((student.shape[0],), student_config, student_ptr=student, teacher_ptr=teacher, center_ptr=center,
                    teacher_max_ptr=row_max, teacher_inv_norm_ptr=inv_norm, grad_ptr=grad, row_loss_ptr=row_loss,
                    batch=batch, n_global=n_global, n_crops=n_crops, n_cols=n_cols, inv_student_temp=1.0 / student_temp,
@@ -360,9 +372,11 @@ def aot_examples() -> None:
 
 # ------------------------------------------------------------------------------------------------ dispatch
 def _dino_loss_forward(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor, n_global: int,
-                       student_temp: float, teacher_temp: float, compute_grad: bool) -> _Outputs:
+                       student_temp: float, teacher_temp: float, compute_grad: bool,
+                       sk_iterations: int = 0) -> _Outputs:
     """(loss, stored gradient, teacher batch mean, mean teacher entropy, mean KL). The gradient is empty unless
-    compute_grad; it is the loss gradient times the backward's factor (1 except for fp16, see _grad_scales)."""
+    compute_grad; it is the loss gradient times the backward's factor (1 except for fp16, see _grad_scales).
+    sk_iterations > 0: Sinkhorn-Knopp centering with that many iterations (center unused); 0: softmax centering."""
     # The Triton kernels take fp32/fp16/bf16 logits: an fp64 one (if any) is the dtype the backend must serve.
     dtype = next((t.dtype for t in (student, teacher) if t.dtype not in TRITON_DTYPES), student.dtype)
     impl = resolve(student.device, "dino_loss", dtype, cuda_runs_triton=True)
@@ -373,10 +387,15 @@ def _dino_loss_forward(student: torch.Tensor, teacher: torch.Tensor, center: tor
     center = center.reshape(-1).to(accumulation_dtype(student, teacher)).contiguous()
     batch, _, pairs = _layout(student, teacher, n_global)
     grad_scale, _ = _grad_scales(student.dtype, n_global, student_temp, batch, pairs)
+    sk = None
+    if sk_iterations:
+        sk = compute_targets(teacher, teacher_temp, sk_iterations, impl, center.dtype)
     if impl == "cpu":
-        return ops().dino_loss_cpu(student, teacher, center, n_global, student_temp, teacher_temp, grad_scale,
-                                   compute_grad)
-    return _dino_loss_triton(student, teacher, center, n_global, student_temp, teacher_temp, grad_scale, compute_grad)
+        return ops().dino_loss_cpu(student, teacher, center if sk is None else sk[0].column_shift, n_global,
+                                   student_temp, teacher_temp, grad_scale, compute_grad,
+                                   *(() if sk is None else sk[0][1:]))
+    return _dino_loss_triton(student, teacher, center, n_global, student_temp, teacher_temp, grad_scale, compute_grad,
+                             sk)
 
 
 def _dino_loss_backward(grad: torch.Tensor, grad_output: torch.Tensor, scale: float) -> None:
@@ -399,7 +418,7 @@ _dino_loss_rescale_op = KernelOp("dino_loss_rescale_", _dino_loss_backward, fake
 
 
 def _dino_loss_fake(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor, n_global: int,
-                    student_temp: float, teacher_temp: float, compute_grad: bool) -> _Outputs:
+                    student_temp: float, teacher_temp: float, compute_grad: bool, sk_iterations: int = 0) -> _Outputs:
     acc = accumulation_dtype(student, teacher)
     grad = student.new_empty(student.shape if compute_grad else (0,))
     return (student.new_empty((), dtype=acc), grad, student.new_empty((student.shape[1],), dtype=acc),
@@ -407,7 +426,7 @@ def _dino_loss_fake(student: torch.Tensor, teacher: torch.Tensor, center: torch.
 
 
 def _dino_loss_setup_context(ctx, inputs, output) -> None:
-    student, teacher, center, n_global, student_temp, teacher_temp, compute_grad = inputs
+    student, teacher, center, n_global, student_temp, teacher_temp, compute_grad, *sk_iterations = inputs
     batch, _, pairs = _layout(student, teacher, n_global)
     ctx.factor = _grad_scales(student.dtype, n_global, student_temp, batch, pairs)[1]
     ctx.compute_grad = compute_grad
@@ -418,26 +437,27 @@ def _dino_loss_setup_context(ctx, inputs, output) -> None:
     if compute_grad:
         ctx.save_for_backward(output[1])
     else:  # called without the gradient (dino_loss never does this when one can be needed): recompute it
-        ctx.args = (n_global, student_temp, teacher_temp)
+        ctx.args = (n_global, student_temp, teacher_temp, True, *sk_iterations)
         ctx.save_for_backward(student, teacher, center)
 
 
 def _dino_loss_vjp(ctx, grad_loss, *_unused):
+    nones = (None,) * (len(ctx.needs_input_grad) - 1)
     if grad_loss is None or not ctx.needs_input_grad[0]:
-        return (None,) * 7
+        return None, *nones
     if ctx.compute_grad:
         (grad,) = ctx.saved_tensors
     else:
-        grad = _dino_loss_op(*ctx.saved_tensors, *ctx.args, True)[1]
+        grad = _dino_loss_op(*ctx.saved_tensors, *ctx.args)[1]
     if tracing(grad):
         # AOTAutograd cannot partition a backward that mutates a saved forward output, so a traced graph rescales
         # out of place (the compiler fuses the multiply).
-        return (grad.float() * (grad_loss.float() * ctx.factor)).to(grad.dtype), None, None, None, None, None, None
+        return (grad.float() * (grad_loss.float() * ctx.factor)).to(grad.dtype), *nones
     # In place on the stored gradient, and skipped on the device when grad_output * factor is 1. This bumps the
     # gradient's version, so a second backward through the same graph (retain_graph=True) raises rather than
     # rescaling twice.
     _dino_loss_rescale_op(grad, grad_loss, ctx.factor)
-    return grad, None, None, None, None, None, None
+    return grad, *nones
 
 
 _dino_loss_op = KernelOp("dino_loss", _dino_loss_forward, fake=_dino_loss_fake,
@@ -445,6 +465,9 @@ _dino_loss_op = KernelOp("dino_loss", _dino_loss_forward, fake=_dino_loss_fake,
 
 
 # ------------------------------------------------------------------------------------------------- public API
+CENTERINGS = ("softmax", "sinkhorn_knopp")
+
+
 class DINOLossStats(NamedTuple):
     """Collapse monitors from the same pass as the loss (no gradient flows through them).
 
@@ -502,31 +525,44 @@ def dino_loss(
     n_global_crops: int = 2,
     student_temp: float = 0.1,
     teacher_temp: float = 0.04,
+    centering: str = "softmax",
+    sk_iterations: int = 3,
     return_stats: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, DINOLossStats]:
-    """The DINO loss, fused: (1/P) Σ_{i<G} Σ_{v≠i} mean_b CE(softmax((t_i,b − c)/τt), softmax(s_v,b/τs)).
+    """The DINO loss, fused: (1/P) Σ_{i<G} Σ_{v≠i} mean_b CE(p_i,b, softmax(s_v,b/τs)), with the teacher targets
+    p = softmax((t − c)/τt) (DINO) or, with ``centering="sinkhorn_knopp"``, DINOv2's Sinkhorn-Knopp targets of all
+    G·B teacher rows (see :func:`dino_kernels.sinkhorn_knopp.sinkhorn_knopp`; all-reduced across ranks under
+    ``torch.distributed``).
 
     Args:
         student_logits: (S·B, K), crop-major (the rows of crop 0, then crop 1, ...), the G global crops first in
             the teacher's order; fp32, fp16, bf16 (or fp64 on the CPU backends).
         teacher_logits: (G·B, K), same layout; no gradient flows to it.
-        center: (K,) or (1, K) teacher center, any float dtype.
+        center: (K,) or (1, K) teacher center, any float dtype; validated but unused under Sinkhorn-Knopp centering.
         n_global_crops: G, the number of teacher (global) crops.
         student_temp, teacher_temp: τs, τt > 0.
-        return_stats: also return :class:`DINOLossStats` from the same pass.
+        centering: ``"softmax"`` (DINO's centered softmax) or ``"sinkhorn_knopp"`` (DINOv2).
+        sk_iterations: Sinkhorn-Knopp iterations (>= 1), used with ``centering="sinkhorn_knopp"``.
+        return_stats: also return :class:`DINOLossStats` from the same pass (teacher_mean is the raw teacher
+            logits' batch mean under either centering; entropy and KL are those of the targets used).
 
     Returns:
         The 0-d loss (fp32; fp64 for fp64 inputs), differentiable w.r.t. ``student_logits`` only; with
         ``return_stats``, ``(loss, stats)``.
     """
     _check_inputs(student_logits, teacher_logits, center, n_global_crops, student_temp, teacher_temp)
+    if centering not in CENTERINGS:
+        raise ValueError(f"centering must be one of {', '.join(map(repr, CENTERINGS))}; got {centering!r}")
+    check_count("sk_iterations", sk_iterations)
     if get_backend() == "reference":  # the eager official-style loss, with its own autograd
         out = reference.dino_loss(student_logits, teacher_logits, center, n_global_crops=n_global_crops,
-                                  student_temp=student_temp, teacher_temp=teacher_temp, return_stats=return_stats)
+                                  student_temp=student_temp, teacher_temp=teacher_temp, centering=centering,
+                                  sk_iterations=sk_iterations, return_stats=return_stats)
         return (out[0], DINOLossStats(*out[1])) if return_stats else out
     compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
     loss, _, mean, entropy, kl = _dino_loss_op(student_logits, teacher_logits, center, n_global_crops,
-                                               float(student_temp), float(teacher_temp), compute_grad)
+                                               float(student_temp), float(teacher_temp), compute_grad,
+                                               sk_iterations if centering == "sinkhorn_knopp" else 0)
     if not return_stats:
         return loss
     return loss, DINOLossStats(mean.detach(), entropy.detach(), kl.detach())

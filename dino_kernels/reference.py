@@ -141,20 +141,22 @@ def block_diagonal_mask(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------- DINO loss
 def dino_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, center: torch.Tensor, *,
               n_global_crops: int = 2, student_temp: float = 0.1, teacher_temp: float = 0.04,
-              return_stats: bool = False):
+              centering: str = "softmax", sk_iterations: int = 3, return_stats: bool = False):
     """The official DINO loss (facebookresearch/dino main_dino.py ``DINOLoss.forward``), one crop pair at a time.
 
     student_logits (S·B, K) and teacher_logits (G·B, K) are crop-major, the G global crops first; center (K,) or
     (1, K). Math in fp32 (fp64 if an input is fp64), as the official code gets under autocast, where softmax and
-    log_softmax run in fp32. Returns the loss, or ``(loss, (teacher_mean, teacher_entropy, kl))`` with the batch
-    mean of the raw teacher logits (K,), the mean teacher entropy and the mean KL(teacher ‖ student) over the pairs.
+    log_softmax run in fp32. ``centering="sinkhorn_knopp"`` takes DINOv2's Sinkhorn-Knopp targets of all G·B teacher
+    rows (``sk_iterations`` iterations; ``center`` is then unused) instead of softmax((t − c)/τt). Returns the loss,
+    or ``(loss, (teacher_mean, teacher_entropy, kl))`` with the batch mean of the raw teacher logits (K,), the mean
+    teacher entropy and the mean KL(teacher ‖ student) over the pairs.
     """
     acc = torch.float64 if torch.float64 in (student_logits.dtype, teacher_logits.dtype) else torch.float32
     batch = teacher_logits.shape[0] // n_global_crops
     n_crops = student_logits.shape[0] // batch
     student_out = (student_logits.to(acc) / student_temp).chunk(n_crops)
-    teacher_out = torch.softmax((teacher_logits.to(acc) - center.to(acc)) / teacher_temp, dim=-1)
-    teacher_out = teacher_out.detach().chunk(n_global_crops)
+    targets = _teacher_targets(teacher_logits, center, teacher_temp, centering, sk_iterations, acc).detach()
+    teacher_out = targets.chunk(n_global_crops)
     total_loss, n_loss_terms = 0, 0
     for iq, q in enumerate(teacher_out):
         for v in range(n_crops):
@@ -167,10 +169,10 @@ def dino_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, center
     if not return_stats:
         return total_loss
     with torch.no_grad():
-        log_p = torch.log_softmax((teacher_logits.to(acc) - center.to(acc)) / teacher_temp, dim=-1)
-        entropy = -(log_p.exp() * log_p).sum(-1).mean()
-        log_p = log_p.chunk(n_global_crops)
-        kl = sum((log_p[i].exp() * (log_p[i] - torch.log_softmax(student_out[v], dim=-1))).sum(-1).mean()
+        p_log_p = torch.where(targets > 0, targets * torch.log(targets), 0)
+        entropy = -p_log_p.sum(-1).mean()
+        p_log_p, p = p_log_p.chunk(n_global_crops), targets.chunk(n_global_crops)
+        kl = sum((p_log_p[i] - p[i] * torch.log_softmax(student_out[v], dim=-1)).sum(-1).mean()
                  for i in range(n_global_crops) for v in range(n_crops) if v != i) / n_loss_terms
         stats = (teacher_logits.to(acc).mean(0), entropy, kl)
     return total_loss, stats
@@ -192,3 +194,90 @@ def update_center_(center: torch.Tensor, teacher_logits: torch.Tensor, momentum:
         world_size = torch.distributed.get_world_size()
     batch_center = batch_center / (len(rows) * world_size)
     center.copy_((center.to(acc) * momentum + batch_center * (1 - momentum)).view(center.shape))
+
+
+# ------------------------------------------------------------------------------------------- Sinkhorn-Knopp
+def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(tensor)
+    return tensor
+
+
+@torch.no_grad()
+def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iterations: int = 3, *,
+                   n_samples: int | None = None) -> torch.Tensor:
+    """DINOv2's Sinkhorn-Knopp teacher targets (``DINOLoss.sinkhorn_knopp_teacher``), (N, K), rows summing to 1.
+
+    Q = exp(t/τt)ᵀ (K, N), divided by its all-reduced total; then ``n_iterations`` times: each prototype row divided
+    by its all-reduced sum and by K, each sample column by its (local) sum and by the global sample count
+    (``n_samples``, default N · world size); finally multiplied by that count. fp32 math (fp64 for fp64 logits), no
+    max subtraction, as the official code.
+    """
+    acc = torch.float64 if teacher_logits.dtype == torch.float64 else torch.float32
+    q = torch.exp(teacher_logits.to(acc) / teacher_temp).t()
+    world_size = torch.distributed.get_world_size() if (
+        torch.distributed.is_available() and torch.distributed.is_initialized()) else 1
+    n_total = q.shape[1] * world_size if n_samples is None else n_samples
+    n_prototypes = q.shape[0]
+    q = q / _all_reduce_sum(q.sum())
+    for _ in range(n_iterations):
+        q = q / _all_reduce_sum(q.sum(dim=1, keepdim=True))
+        q = q / n_prototypes
+        q = q / q.sum(dim=0, keepdim=True)
+        q = q / n_total
+    return (q * n_total).t()
+
+
+def _teacher_targets(teacher_logits: torch.Tensor, center: torch.Tensor, teacher_temp: float, centering: str,
+                     sk_iterations: int, acc: torch.dtype) -> torch.Tensor:
+    if centering == "softmax":
+        return torch.softmax((teacher_logits.to(acc) - center.to(acc)) / teacher_temp, dim=-1)
+    return sinkhorn_knopp(teacher_logits.to(acc), teacher_temp, sk_iterations)
+
+
+# ------------------------------------------------------------------------------------------ iBOT patch loss
+def ibot_patch_loss(student_patch_logits: torch.Tensor, teacher_patch_logits: torch.Tensor, center: torch.Tensor,
+                    masks_weight: torch.Tensor, *, n_images: int, student_temp: float = 0.1,
+                    teacher_temp: float = 0.07, centering: str = "softmax", sk_iterations: int = 3,
+                    return_stats: bool = False):
+    """DINOv2's masked-patch iBOT loss (``iBOTPatchLoss.forward_masked``) on raw teacher logits.
+
+    student_patch_logits, teacher_patch_logits (M, K): the masked patches' head outputs; center (K,) or (1, K);
+    masks_weight (M,): each patch's weight (officially 1 / number of masked patches of its image). The targets are
+    p = softmax((t − c)/τt) (``centering="softmax"``) or the Sinkhorn-Knopp targets of the M rows, and the loss is
+    −Σ_m w_m Σ_k p_mk log softmax(s_m/τs)_k / n_images. fp32 math (fp64 for fp64 inputs). With ``return_stats``
+    also ``(teacher_mean (K,), teacher_entropy, kl)``: the mean raw teacher row (the patch center update) and the
+    unweighted row means of the target entropy and of KL(target ‖ student).
+    """
+    acc = torch.float64 if torch.float64 in (student_patch_logits.dtype, teacher_patch_logits.dtype) else torch.float32
+    targets = _teacher_targets(teacher_patch_logits, center, teacher_temp, centering, sk_iterations, acc).detach()
+    log_student = torch.log_softmax(student_patch_logits.to(acc) / student_temp, dim=-1)
+    row_loss = -(targets * log_student).sum(-1)
+    loss = (row_loss * masks_weight.to(acc)).sum() / n_images
+    if not return_stats:
+        return loss
+    with torch.no_grad():
+        log_targets = torch.log(targets)
+        entropy = -torch.where(targets > 0, targets * log_targets, 0).sum(-1)
+        stats = (teacher_patch_logits.to(acc).mean(0), entropy.mean(), (row_loss - entropy).mean())
+    return loss, stats
+
+
+# ------------------------------------------------------------------------------------------------- KoLeo
+def koleo_loss(features: torch.Tensor, *, eps: float = 1e-8) -> torch.Tensor:
+    """DINOv2's ``KoLeoLoss``: z = x / max(‖x‖, eps) per row; each row's nearest neighbour is the other row of
+    largest z_i·z_j (the diagonal set to −1, so with B = 1 the row is its own neighbour; ties: the lowest index);
+    loss = −mean_i log(‖z_i − z_nn(i) + 1e-8‖ + eps).
+
+    features (B, D). Math in fp32 for fp32/fp16/bf16 inputs (the official module runs in the input dtype, where fp16
+    makes duplicates and B = 1 infinite) and in fp64 for fp64; returns a 0-d tensor of that math dtype.
+    Differentiable through autograd (the neighbour indices are constants, as in the official code).
+    """
+    acc = torch.float64 if features.dtype == torch.float64 else torch.float32
+    z = torch.nn.functional.normalize(features.to(acc), p=2, dim=-1, eps=eps)
+    with torch.no_grad():
+        dots = z @ z.t()
+        dots.fill_diagonal_(-1)
+        neighbour = dots.argmax(dim=1)
+    distances = torch.linalg.vector_norm(z - z[neighbour] + 1e-8, dim=-1)
+    return -torch.log(distances + eps).mean()
