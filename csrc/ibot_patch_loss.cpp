@@ -15,133 +15,17 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cmath>
 #include <cstdint>
-#include <cstring>
-#include <limits>
 #include <optional>
 #include <vector>
 
-#include "cpu_math.h"
+#include "teacher_targets.h"
 
 namespace {
 
-using dk::exp_acc;
-
-// 1 if `condition` else 0, built from bits: a bool-to-float conversion of a float comparison would not vectorise.
-template <typename acc_t>
-inline acc_t indicator(bool condition);
-
-template <>
-inline float indicator<float>(bool condition) {
-  const int32_t bits = 0x3f800000 & -static_cast<int32_t>(condition);
-  float out;
-  std::memcpy(&out, &bits, sizeof(out));
-  return out;
-}
-
-template <>
-inline double indicator<double>(bool condition) {
-  const int64_t bits = 0x3ff0000000000000LL & -static_cast<int64_t>(condition);
-  double out;
-  std::memcpy(&out, &bits, sizeof(out));
-  return out;
-}
-
-// Sums over a row run in blocks: the vector lanes accumulate kSumBlock elements in acc_t and the block totals are
-// added in double, so the rounding error does not grow with K (131,072 columns and beyond).
-constexpr int64_t kSumBlock = 1024;
-
-// The centred softmax target of one row, written to `prob`; returns its entropy. With u = (t - c) / tau_t,
-// m = max u and e = exp(u - m), entropy = log z - sum_k e_k (u_k - m) / z, two terms >= 0. For a sharp teacher
-// (entropy -> 0) u is formed in double, so that no fp32 rounding of a number of size |u| reaches u - m, and z is
-// summed as (count of columns at the max, where e = 1) + (the rest), so log z = log(count) + log1p(rest / count)
-// keeps what fp32's rounding of z ~ 1 would lose.
-template <typename T, typename acc_t>
-DK_VECTOR_CLONES acc_t softmax_targets(const T* t, const acc_t* shift, double inv_temp, int64_t k, acc_t* prob) {
-  double m = -std::numeric_limits<double>::infinity();
-#pragma omp simd reduction(max : m)
-  for (int64_t j = 0; j < k; ++j) {
-    const double u = (static_cast<double>(t[j]) - static_cast<double>(shift[j])) * inv_temp;
-    m = u > m ? u : m;
-  }
-  double count = 0, rest = 0, w = 0;
-  for (int64_t lo = 0; lo < k; lo += kSumBlock) {
-    const int64_t hi = std::min(k, lo + kSumBlock);
-    acc_t count_block = 0, rest_block = 0, w_block = 0;
-#pragma omp simd reduction(+ : count_block, rest_block, w_block)
-    for (int64_t j = lo; j < hi; ++j) {
-      const double u = (static_cast<double>(t[j]) - static_cast<double>(shift[j])) * inv_temp;
-      const acc_t shifted = static_cast<acc_t>(u - m);
-      const acc_t e = exp_acc(shifted);
-      // u == m rather than shifted == 0: the compiler may fuse u - m into an FMA, leaving a residual of ~1e-16.
-      const acc_t at_max = indicator<acc_t>(u == m);
-      prob[j] = e;
-      count_block += at_max;
-      rest_block += e - at_max;
-      w_block += e * shifted;
-    }
-    count += count_block;
-    rest += rest_block;
-    w += w_block;
-  }
-  const double z = count + rest;
-  const acc_t inv_z = static_cast<acc_t>(1.0 / z);
-#pragma omp simd
-  for (int64_t j = 0; j < k; ++j) prob[j] *= inv_z;
-  return static_cast<acc_t>(std::log(count) + std::log1p(rest / count) - w / z);
-}
-
-// Given targets p_k = exp((t_k - shift_k) / tau_t - row_max) * inv_norm, written to `prob` (the exponent formed in
-// double, as above).
-template <typename T, typename acc_t>
-DK_VECTOR_CLONES void given_targets(const T* t, const acc_t* shift, double inv_temp, double row_max, acc_t inv_norm,
-                                    int64_t k, acc_t* prob) {
-#pragma omp simd
-  for (int64_t j = 0; j < k; ++j) {
-    const double u = (static_cast<double>(t[j]) - static_cast<double>(shift[j])) * inv_temp;
-    prob[j] = exp_acc(static_cast<acc_t>(u - row_max)) * inv_norm;
-  }
-}
-
-// One student row against its target p: returns CE = LSE(x) - p . x with x = s / tau_s and, when `grad` is not
-// null, writes (softmax(x) - p) * coef there. `x` is scratch of length k.
-template <typename S, typename acc_t>
-DK_VECTOR_CLONES acc_t student_row(const S* s, const acc_t* p, acc_t inv_student_temp, int64_t k, acc_t* x,
-                                   acc_t coef, S* grad) {
-  acc_t m = -std::numeric_limits<acc_t>::infinity();
-  double dot = 0;
-  for (int64_t lo = 0; lo < k; lo += kSumBlock) {
-    const int64_t hi = std::min(k, lo + kSumBlock);
-    acc_t dot_block = 0;
-#pragma omp simd reduction(max : m) reduction(+ : dot_block)
-    for (int64_t j = lo; j < hi; ++j) {
-      const acc_t xj = static_cast<acc_t>(s[j]) * inv_student_temp;
-      x[j] = xj;
-      m = xj > m ? xj : m;
-      dot_block += p[j] * xj;
-    }
-    dot += dot_block;
-  }
-  double z = 0;
-  for (int64_t lo = 0; lo < k; lo += kSumBlock) {
-    const int64_t hi = std::min(k, lo + kSumBlock);
-    acc_t z_block = 0;
-#pragma omp simd reduction(+ : z_block)
-    for (int64_t j = lo; j < hi; ++j) {
-      const acc_t e = exp_acc(x[j] - m);
-      x[j] = e;
-      z_block += e;
-    }
-    z += z_block;
-  }
-  if (grad != nullptr) {
-    const acc_t softmax_coef = static_cast<acc_t>(coef / z);
-#pragma omp simd
-    for (int64_t j = 0; j < k; ++j) grad[j] = static_cast<S>(x[j] * softmax_coef - p[j] * coef);
-  }
-  return static_cast<acc_t>(m + std::log(z) - dot);
-}
+using dk::given_target;
+using dk::softmax_target;
+using dk::student_row;
 
 template <typename acc_t>
 struct Rows {
@@ -166,12 +50,12 @@ void ibot_patch_loss_kernel(const S* student, const T* teacher, S* grad, const R
     for (int64_t row = next_row++; row < rows; row = next_row++) {
       const T* t = teacher + row * k;
       if (r.row_max == nullptr) {
-        r.entropy[row] = softmax_targets(t, r.shift, inv_teacher_temp, k, prob);
+        r.entropy[row] = softmax_target(t, r.shift, inv_teacher_temp, k, prob);
       } else {
-        given_targets(t, r.shift, inv_teacher_temp, static_cast<double>(r.row_max[row]), r.row_inv_norm[row], k,
-                      prob);
+        given_target(t, r.shift, inv_teacher_temp, static_cast<double>(r.row_max[row]), r.row_inv_norm[row], k, prob);
       }
-      r.row_loss[row] = student_row(student + row * k, prob, inv_student_temp, k, x, r.grad_weight[row],
+      // The target sums to 1 (n_q = 1), and the gradient row's factor is the row's own weight.
+      r.row_loss[row] = student_row(student + row * k, prob, acc_t(1), inv_student_temp, r.grad_weight[row], k, x,
                                     grad == nullptr ? nullptr : grad + row * k);
     }
   });

@@ -17,18 +17,17 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
-#include <type_traits>
 #include <vector>
 
 #include "cpu_math.h"
+#include "teacher_targets.h"
 
 namespace {
 
 using dk::exp_acc;
+using dk::given_target;
+using dk::kSumBlock;
 
-// Sums run in blocks: the vector lanes accumulate kSumBlock terms in acc_t and the block totals are added in double,
-// so the rounding error does not grow with K or N.
-constexpr int64_t kSumBlock = 1024;
 // Columns per work item of the column pass: its max and sum rows stay in L1 while it walks down the rows.
 constexpr int64_t kColumns = 256;
 
@@ -108,17 +107,6 @@ DK_VECTOR_CLONES void row_pass(const T* t, const acc_t* shift, int64_t k, double
   *entropy = static_cast<acc_t>(std::log(z) - w / z);
 }
 
-// Row i of the targets.
-template <typename T, typename acc_t>
-DK_VECTOR_CLONES void write_row(const T* t, const acc_t* shift, int64_t k, double inv_temp, double row_max,
-                                acc_t row_inv_norm, acc_t* out) {
-#pragma omp simd
-  for (int64_t j = 0; j < k; ++j) {
-    const double u = (static_cast<double>(t[j]) - static_cast<double>(shift[j])) * inv_temp;
-    out[j] = exp_acc(static_cast<acc_t>(u - row_max)) * row_inv_norm;
-  }
-}
-
 void check_args(const char* op, const at::Tensor& teacher, const at::Tensor& shift, const at::Tensor& row_max,
                 const at::Tensor& row_inv_norm) {
   TORCH_CHECK(teacher.dim() == 2 && teacher.is_contiguous(), op, ": teacher must be a contiguous (N, K) tensor");
@@ -133,14 +121,15 @@ void check_args(const char* op, const at::Tensor& teacher, const at::Tensor& shi
   }
 }
 
+// Calls body(teacher's data, a zero of the accumulation type) for the teacher's dtype and column_shift's.
 template <typename F>
 void dispatch(const at::Tensor& teacher, const at::Tensor& shift, F&& body) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, teacher.scalar_type(), "sinkhorn_knopp_cpu", [&] {
-    using teacher_t = scalar_t;
+    const scalar_t* t = teacher.const_data_ptr<scalar_t>();
     if (shift.scalar_type() == at::kDouble) {
-      body(static_cast<const teacher_t*>(nullptr), double(0));
+      body(t, double(0));
     } else {
-      body(static_cast<const teacher_t*>(nullptr), float(0));
+      body(t, float(0));
     }
   });
 }
@@ -150,10 +139,8 @@ void sinkhorn_knopp_column_cpu_(const at::Tensor& teacher, at::Tensor& shift, co
   check_args("sinkhorn_knopp_column_cpu_", teacher, shift, row_max, row_inv_norm);
   const Dims d{teacher.size(0), teacher.size(1)};
   const int64_t n_chunks = (d.cols + kColumns - 1) / kColumns;
-  dispatch(teacher, shift, [&](auto teacher_tag, auto acc_zero) {
-    using T = std::remove_const_t<std::remove_pointer_t<decltype(teacher_tag)>>;
+  dispatch(teacher, shift, [&](const auto* t, auto acc_zero) {
     using acc_t = decltype(acc_zero);
-    const T* t = teacher.const_data_ptr<T>();
     acc_t* s = shift.data_ptr<acc_t>();
     const acc_t* rm = row_max.const_data_ptr<acc_t>();
     const acc_t* rn = row_inv_norm.const_data_ptr<acc_t>();
@@ -176,10 +163,8 @@ void sinkhorn_knopp_row_cpu_(const at::Tensor& teacher, const at::Tensor& shift,
                   entropy.scalar_type() == shift.scalar_type(),
               "sinkhorn_knopp_row_cpu_: entropy must be a contiguous (N,) tensor of column_shift's dtype");
   const int64_t k = teacher.size(1);
-  dispatch(teacher, shift, [&](auto teacher_tag, auto acc_zero) {
-    using T = std::remove_const_t<std::remove_pointer_t<decltype(teacher_tag)>>;
+  dispatch(teacher, shift, [&](const auto* t, auto acc_zero) {
     using acc_t = decltype(acc_zero);
-    const T* t = teacher.const_data_ptr<T>();
     const acc_t* s = shift.const_data_ptr<acc_t>();
     acc_t* rm = row_max.data_ptr<acc_t>();
     acc_t* rn = row_inv_norm.data_ptr<acc_t>();
@@ -195,17 +180,15 @@ at::Tensor sinkhorn_knopp_write_cpu(const at::Tensor& teacher, const at::Tensor&
   check_args("sinkhorn_knopp_write_cpu", teacher, shift, row_max, row_inv_norm);
   at::Tensor out = at::empty(teacher.sizes(), shift.options());
   const int64_t k = teacher.size(1);
-  dispatch(teacher, shift, [&](auto teacher_tag, auto acc_zero) {
-    using T = std::remove_const_t<std::remove_pointer_t<decltype(teacher_tag)>>;
+  dispatch(teacher, shift, [&](const auto* t, auto acc_zero) {
     using acc_t = decltype(acc_zero);
-    const T* t = teacher.const_data_ptr<T>();
     const acc_t* s = shift.const_data_ptr<acc_t>();
     const acc_t* rm = row_max.const_data_ptr<acc_t>();
     const acc_t* rn = row_inv_norm.const_data_ptr<acc_t>();
     acc_t* o = out.data_ptr<acc_t>();
     at::parallel_for(0, teacher.size(0), 1, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        write_row(t + i * k, s, k, 1.0 / teacher_temp, static_cast<double>(rm[i]), rn[i], o + i * k);
+        given_target(t + i * k, s, 1.0 / teacher_temp, static_cast<double>(rm[i]), rn[i], k, o + i * k);
       }
     });
   });

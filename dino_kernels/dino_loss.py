@@ -184,6 +184,16 @@ TEACHER_FINALIZE = TritonKernel(_dino_teacher_finalize_kernel, {"BLOCK": 1024, "
 
 
 @triton.jit
+def _target_block(t, shift, mask, row_max, inv_norm, inv_teacher_temp):
+    """A block of one teacher target row, p = exp((t − shift)/τt − row_max)·inv_norm, from its fp32 logits t and
+    column shifts (the center, or the Sinkhorn-Knopp column shift) and the row's max and 1/normaliser (0 outside
+    `mask`). Shared with ibot_patch_loss."""
+    # exp(u − max)·(1/z) rather than exp(u − log-sum-exp): u − max cancels exactly where p is large, while u − lse
+    # would carry the rounding of two numbers of size |u| (up to ~100 at τt = 0.04) into p.
+    return tl.where(mask, tl.exp((t - shift) * inv_teacher_temp - row_max) * inv_norm, 0.0)
+
+
+@triton.jit
 def _teacher_target(teacher_ptr, center_ptr, teacher_max_ptr, teacher_inv_norm_ptr, cols, mask, image, crop, batch,
                     n_global, n_cols, inv_teacher_temp, BLOCK_K: tl.constexpr):
     """Columns `cols` of q = Σ_{i≠crop} softmax((t_i − c)/τt) for one image, recomputed from the teacher logits and
@@ -196,9 +206,7 @@ def _teacher_target(teacher_ptr, center_ptr, teacher_max_ptr, teacher_inv_norm_p
             t = tl.load(teacher_ptr + teacher_row.to(tl.int64) * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
             row_max = tl.load(teacher_max_ptr + teacher_row)
             inv_norm = tl.load(teacher_inv_norm_ptr + teacher_row)
-            # exp(u − max) / z rather than exp(u − log-sum-exp): u − max cancels exactly where p is large, while
-            # u − lse would carry the rounding of two numbers of size |u| (up to ~100 at τt = 0.04) into p.
-            q += tl.where(mask, tl.exp((t - center) * inv_teacher_temp - row_max) * inv_norm, 0.0)
+            q += _target_block(t, center, mask, row_max, inv_norm, inv_teacher_temp)
     return q
 
 
@@ -256,7 +264,7 @@ def _dino_student_kernel(
             x = tl.load(student_row + cols, mask=mask, other=0.0).to(tl.float32) * inv_student_temp
             q = _teacher_target(teacher_ptr, center_ptr, teacher_max_ptr, teacher_inv_norm_ptr, cols, mask, image,
                                 crop, batch, n_global, n_cols, inv_teacher_temp, BLOCK_K)
-            # |q|·softmax − q, with softmax = exp(x − m)/z for the same reason as in _teacher_target.
+            # |q|·softmax − q, with softmax = exp(x − m)/z for the same reason as in _target_block.
             g = tl.exp(tl.where(mask, x - m, float("-inf"))) * softmax_coef - q * grad_scale
             tl.store(grad_row + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
 

@@ -39,7 +39,7 @@ from dino_kernels._extension import ops
 from dino_kernels._launch import TritonKernel
 from dino_kernels._op import KernelOp, tracing
 from dino_kernels._validation import FLOAT_DTYPES, check_floating, check_ndim, check_positive, check_same_device
-from dino_kernels.dino_loss import DINOLossStats, _dino_loss_rescale_op
+from dino_kernels.dino_loss import DINOLossStats, _dino_loss_rescale_op, _target_block
 from dino_kernels.sinkhorn_knopp import check_count, sinkhorn_knopp_targets
 
 CENTERINGS = ("softmax", "sinkhorn_knopp")
@@ -57,9 +57,7 @@ def _target(teacher_row, shift_ptr, cols, mask, row_max, inv_norm, inv_teacher_t
     """Columns `cols` of the row's target p = exp((t − shift)/τt − row_max)·inv_norm (0 outside `mask`)."""
     t = tl.load(teacher_row + cols, mask=mask, other=0.0).to(tl.float32)
     shift = tl.load(shift_ptr + cols, mask=mask, other=0.0)
-    # exp(u − max)·(1/z) rather than exp(u − log-sum-exp): u − max cancels exactly where p is large, while u − lse
-    # would carry the rounding of two numbers of size |u| (up to ~100 at τt = 0.04) into p.
-    return tl.where(mask, tl.exp((t - shift) * inv_teacher_temp - row_max) * inv_norm, 0.0)
+    return _target_block(t, shift, mask, row_max, inv_norm, inv_teacher_temp)
 
 
 @triton.jit
@@ -166,7 +164,7 @@ def _ibot_patch_loss_kernel(
             mask = cols < n_cols
             x = tl.load(student_row + cols, mask=mask, other=0.0).to(tl.float32) * inv_student_temp
             p = _target(teacher_row, shift_ptr, cols, mask, row_max, inv_norm, inv_teacher_temp)
-            # softmax − p, with softmax = exp(x − m_s)/z_s for the same reason as in _target.
+            # softmax − p, with softmax = exp(x − m_s)/z_s for the same reason as in _target_block.
             g = tl.exp(tl.where(mask, x - m_s, float("-inf"))) * softmax_coef - p * coef
             tl.store(grad_row + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
 

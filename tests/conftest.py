@@ -5,6 +5,7 @@ On a GPU machine the Triton kernels compile for real and the tests marked ``cuda
 on CUDA tensors: ``pytest -m cuda`` selects exactly those. Without a GPU they are skipped.
 """
 
+import multiprocessing
 import os
 
 import torch
@@ -63,6 +64,32 @@ def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 # Relative-error bounds per dtype of the kernel's inputs (DEVELOPERS' standards).
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+def assert_loss_matches(ours, expected, grad_tolerance: float, tolerance: float = TOLERANCE[torch.float32]) -> None:
+    """A DINO-family loss against its float64 reference: ours = (loss, grad, stats), expected = (loss, grad,
+    (teacher_mean, teacher_entropy, kl)); the gradient within grad_tolerance, the rest within tolerance."""
+    loss, grad, stats = ours
+    loss_ref, grad_ref, (mean_ref, entropy_ref, kl_ref) = expected
+    assert rel_error(loss, loss_ref) <= tolerance, rel_error(loss, loss_ref)
+    assert rel_error(grad, grad_ref) <= grad_tolerance, rel_error(grad, grad_ref)
+    assert rel_error(stats.teacher_mean, mean_ref) <= tolerance, rel_error(stats.teacher_mean, mean_ref)
+    assert rel_error(stats.teacher_entropy, entropy_ref) <= tolerance, rel_error(stats.teacher_entropy, entropy_ref)
+    assert rel_error(stats.kl, kl_ref) <= tolerance, rel_error(stats.kl, kl_ref)
+
+
+def run_two_ranks(worker, tmp_path, *args) -> list:
+    """Runs ``worker(rank, store, results, *args)`` in two spawned processes (a gloo group initialised from the file
+    ``store``) and returns what each rank saved to ``f"{results}.{rank}"``, in rank order."""
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=worker, args=(rank, tmp_path / "store", tmp_path / "out", *args))
+               for rank in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=120)
+    assert all(w.exitcode == 0 for w in workers), [w.exitcode for w in workers]
+    return [torch.load(tmp_path / f"out.{rank}") for rank in range(2)]
 
 
 def implementations_run(module, monkeypatch) -> list[str]:

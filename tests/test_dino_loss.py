@@ -3,12 +3,20 @@ update and the DINOLoss module, under our C++ kernels (`auto`) and our Triton ke
 
 import importlib
 import math
-import multiprocessing
 
 import numpy as np
 import pytest
 import torch
-from conftest import CPU_BACKENDS, TOLERANCE, cuda_param, implementations_run, rel_error, requires_interpreter
+from conftest import (
+    CPU_BACKENDS,
+    TOLERANCE,
+    assert_loss_matches,
+    cuda_param,
+    implementations_run,
+    rel_error,
+    requires_interpreter,
+    run_two_ranks,
+)
 
 import dino_kernels
 from dino_kernels import reference
@@ -46,16 +54,6 @@ def _ours(student, teacher, center, n_global, student_temp, teacher_temp, grad_o
     return loss, student.grad, stats
 
 
-def _assert_matches(ours, expected, grad_tolerance, tolerance=FP32):
-    loss, grad, stats = ours
-    loss_ref, grad_ref, (mean_ref, entropy_ref, kl_ref) = expected
-    assert rel_error(loss, loss_ref) <= tolerance, rel_error(loss, loss_ref)
-    assert rel_error(grad, grad_ref) <= grad_tolerance, rel_error(grad, grad_ref)
-    assert rel_error(stats.teacher_mean, mean_ref) <= tolerance, rel_error(stats.teacher_mean, mean_ref)
-    assert rel_error(stats.teacher_entropy, entropy_ref) <= tolerance, rel_error(stats.teacher_entropy, entropy_ref)
-    assert rel_error(stats.kl, kl_ref) <= tolerance, rel_error(stats.kl, kl_ref)
-
-
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("k,batch,n_crops,n_global", CASES)
@@ -70,7 +68,7 @@ def test_matches_float64_reference(backend, dtype, k, batch, n_crops, n_global):
     assert ours[1].dtype == dtype and ours[1].shape == student.shape
     # Loss and statistics are fp32 results of exact inputs: fp32 bounds for every input dtype. The gradient is
     # stored in the logits' dtype.
-    _assert_matches(ours, expected, TOLERANCE[dtype])
+    assert_loss_matches(ours, expected, TOLERANCE[dtype])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
@@ -81,8 +79,8 @@ def test_cpp_bfloat16_and_float64(dtype, k, batch, n_crops, n_global):
     expected = _expected(student, teacher, center, n_global, 0.1, 0.04, 1.3)
     ours = _ours(student, teacher, center, n_global, 0.1, 0.04, 1.3)
     assert ours[0].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    _assert_matches(ours, expected, TOLERANCE[dtype], tolerance=TOLERANCE[torch.float64] if dtype == torch.float64
-                    else FP32)
+    assert_loss_matches(ours, expected, TOLERANCE[dtype],
+                        tolerance=TOLERANCE[torch.float64] if dtype == torch.float64 else FP32)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -91,7 +89,7 @@ def test_mixed_student_teacher_and_center_dtypes(backend):
     teacher, center = teacher.half(), center.half()
     expected = _expected(student, teacher, center, 2, 0.1, 0.04, 1.0)
     with dino_kernels.backend(backend):
-        _assert_matches(_ours(student, teacher, center, 2, 0.1, 0.04, 1.0), expected, FP32)
+        assert_loss_matches(_ours(student, teacher, center, 2, 0.1, 0.04, 1.0), expected, FP32)
 
 
 @pytest.mark.cuda
@@ -100,7 +98,7 @@ def test_mixed_student_teacher_and_center_dtypes(backend):
 def test_cuda_matches_float64_reference(dtype, k, batch, n_crops, n_global):
     student, teacher, center = _inputs(k, batch, n_crops, n_global, dtype, scale=0.5, device="cuda")
     expected = _expected(student, teacher, center, n_global, 0.1, 0.04, 1.7)
-    _assert_matches(_ours(student, teacher, center, n_global, 0.1, 0.04, 1.7), expected, TOLERANCE[dtype])
+    assert_loss_matches(_ours(student, teacher, center, n_global, 0.1, 0.04, 1.7), expected, TOLERANCE[dtype])
     # fp16 stores its gradient pre-scaled by a power of 2 (dino_loss._grad_scales) and the backward rescales that
     # output in place, so after a backward the eager forward's output differs from the copy AOTAutograd rescales:
     # opcheck's eager-vs-AOT comparison of outputs cannot hold there by design. The fp16 gradients under
@@ -121,14 +119,14 @@ def test_non_contiguous_inputs(backend):
     expected = _expected(student, teacher, center, 2, 0.1, 0.04, 1.0)
     with dino_kernels.backend(backend):
         ours = _ours(wide[:, 1::2], teacher_t, center[None, :].expand(3, -1)[1], 2, 0.1, 0.04, 1.0)
-    _assert_matches(ours, expected, FP32)
+    assert_loss_matches(ours, expected, FP32)
 
 
 def test_cpp_k_262144():
     # Logits of DINO's scale (cosines); K up to 262,144 prototypes.
     student, teacher, center = _inputs(262_144, 1, 3, 2, torch.float32, scale=0.5)
     expected = _expected(student, teacher, center, 2, 0.1, 0.04, 0.7)
-    _assert_matches(_ours(student, teacher, center, 2, 0.1, 0.04, 0.7), expected, FP32)
+    assert_loss_matches(_ours(student, teacher, center, 2, 0.1, 0.04, 0.7), expected, FP32)
 
 
 @requires_interpreter
@@ -143,7 +141,7 @@ def test_triton_multi_block_paths(monkeypatch):
         student, teacher, center = _inputs(k, 3, 4, 2, torch.float32)
         expected = _expected(student, teacher, center, 2, 0.1, 0.04, 2.0)
         with dino_kernels.backend("triton"):
-            _assert_matches(_ours(student, teacher, center, 2, 0.1, 0.04, 2.0), expected, FP32)
+            assert_loss_matches(_ours(student, teacher, center, 2, 0.1, 0.04, 2.0), expected, FP32)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -372,15 +370,7 @@ def _distributed_worker(rank, path, results):
 
 
 def test_update_center_all_reduces_across_ranks(tmp_path):
-    context = multiprocessing.get_context("spawn")
-    workers = [context.Process(target=_distributed_worker, args=(rank, tmp_path / "store", tmp_path / "out"))
-               for rank in range(2)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join(timeout=120)
-    assert all(w.exitcode == 0 for w in workers), [w.exitcode for w in workers]
-    out = [torch.load(tmp_path / f"out.{rank}") for rank in range(2)]
+    out = run_two_ranks(_distributed_worker, tmp_path)
     batch_center = torch.cat([o["teacher"] for o in out]).double().mean(0)
     expected = 0.8 + 0.2 * batch_center
     for o in out:

@@ -7,7 +7,15 @@ import math
 
 import pytest
 import torch
-from conftest import CPU_BACKENDS, TOLERANCE, cuda_param, implementations_run, rel_error, requires_interpreter
+from conftest import (
+    CPU_BACKENDS,
+    TOLERANCE,
+    assert_loss_matches,
+    cuda_param,
+    implementations_run,
+    rel_error,
+    requires_interpreter,
+)
 
 import dino_kernels
 from dino_kernels import reference
@@ -55,16 +63,6 @@ def _ours(student, teacher, center, weights, n_images, student_temp, teacher_tem
     return loss, student.grad, stats
 
 
-def _assert_matches(ours, expected, grad_tolerance, tolerance=FP32):
-    loss, grad, stats = ours
-    loss_ref, grad_ref, (mean_ref, entropy_ref, kl_ref) = expected
-    assert rel_error(loss, loss_ref) <= tolerance, rel_error(loss, loss_ref)
-    assert rel_error(grad, grad_ref) <= grad_tolerance, rel_error(grad, grad_ref)
-    assert rel_error(stats.teacher_mean, mean_ref) <= tolerance, rel_error(stats.teacher_mean, mean_ref)
-    assert rel_error(stats.teacher_entropy, entropy_ref) <= tolerance, rel_error(stats.teacher_entropy, entropy_ref)
-    assert rel_error(stats.kl, kl_ref) <= tolerance, rel_error(stats.kl, kl_ref)
-
-
 @pytest.mark.parametrize("centering", CENTERINGS)
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -81,7 +79,7 @@ def test_matches_float64_reference(centering, backend, dtype, k, counts):
     assert ours[1].dtype == dtype and ours[1].shape == student.shape
     # Loss and statistics are fp32 results of exact inputs: fp32 bounds for every input dtype. The gradient is
     # stored in the logits' dtype.
-    _assert_matches(ours, expected, TOLERANCE[dtype])
+    assert_loss_matches(ours, expected, TOLERANCE[dtype])
 
 
 @pytest.mark.parametrize("centering", CENTERINGS)
@@ -93,8 +91,8 @@ def test_cpp_bfloat16_and_float64(centering, dtype, k, counts):
     args = (student, teacher, center, weights, n_images, 0.1, 0.07, centering, 1.3)
     ours = _ours(*args)
     assert ours[0].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    _assert_matches(ours, _expected(*args), TOLERANCE[dtype],
-                    tolerance=TOLERANCE[torch.float64] if dtype == torch.float64 else FP32)
+    assert_loss_matches(ours, _expected(*args), TOLERANCE[dtype],
+                        tolerance=TOLERANCE[torch.float64] if dtype == torch.float64 else FP32)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -109,14 +107,14 @@ def test_mixed_dtypes_and_non_contiguous_inputs(backend):
     expected = _expected(student, teacher.half(), center, weights, n_images, 0.1, 0.07, "softmax", 1.0)
     with dino_kernels.backend(backend):
         ours = _ours(wide[:, 1::2], teacher_t, center[None, :], spread[::2], n_images, 0.1, 0.07, "softmax", 1.0)
-    _assert_matches(ours, expected, FP32)
+    assert_loss_matches(ours, expected, FP32)
 
 
 def test_cpp_k_131072():
     # Logits of DINOv2's scale (cosines); K = 131,072 prototypes (the ViT-L/g heads).
     student, teacher, center, weights, n_images = _inputs(131_072, (2, 1), torch.float32, scale=0.5)
     args = (student, teacher, center, weights, n_images, 0.1, 0.07, "softmax", 0.7)
-    _assert_matches(_ours(*args), _expected(*args), FP32)
+    assert_loss_matches(_ours(*args), _expected(*args), FP32)
 
 
 @requires_interpreter
@@ -137,7 +135,7 @@ def test_triton_multi_block_paths(monkeypatch):
         for centering in CENTERINGS:
             args = (student, teacher, center, weights, n_images, 0.1, 0.05, centering, 2.0)
             with dino_kernels.backend("triton"):
-                _assert_matches(_ours(*args), _expected(*args), FP32)
+                assert_loss_matches(_ours(*args), _expected(*args), FP32)
 
 
 @pytest.mark.parametrize("centering", CENTERINGS)
@@ -400,7 +398,7 @@ def test_triton_rejects_float64_clearly():
 def test_cuda_matches_float64_reference(centering, dtype, k, counts):
     student, teacher, center, weights, n_images = _inputs(k, counts, dtype, scale=0.5, device="cuda")
     args = (student, teacher, center, weights, n_images, 0.1, 0.07, centering, 1.7)
-    _assert_matches(_ours(*args), _expected(*args), TOLERANCE[dtype])
+    assert_loss_matches(_ours(*args), _expected(*args), TOLERANCE[dtype])
     # fp16's in-place rescale of a pre-scaled stored gradient cannot pass opcheck's eager-vs-AOT output comparison
     # by design (see test_dino_loss); its compiled gradients are compared with eager ones in the compile test.
     checks = ("test_schema", "test_autograd_registration", "test_faketensor")

@@ -2,11 +2,18 @@
 float64, under our C++ kernels (`auto`) and our Triton kernels (interpreter), single-process and across 2 ranks."""
 
 import importlib
-import multiprocessing
 
 import pytest
 import torch
-from conftest import CPU_BACKENDS, TOLERANCE, cuda_param, implementations_run, rel_error, requires_interpreter
+from conftest import (
+    CPU_BACKENDS,
+    TOLERANCE,
+    cuda_param,
+    implementations_run,
+    rel_error,
+    requires_interpreter,
+    run_two_ranks,
+)
 
 import dino_kernels
 from dino_kernels import reference
@@ -270,15 +277,7 @@ def _crop_major(tensors, n_crops):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_two_ranks_give_the_concatenated_batch(tmp_path, backend):
-    context = multiprocessing.get_context("spawn")
-    workers = [context.Process(target=_distributed_worker, args=(rank, tmp_path / "store", tmp_path / "out", backend))
-               for rank in range(2)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join(timeout=120)
-    assert all(w.exitcode == 0 for w in workers), [w.exitcode for w in workers]
-    out = [torch.load(tmp_path / f"out.{rank}") for rank in range(2)]
+    out = run_two_ranks(_distributed_worker, tmp_path, backend)
     # sinkhorn_knopp: each rank's rows of the SK targets of all the ranks' rows.
     expected = reference.sinkhorn_knopp(torch.cat([o["teacher"] for o in out]).double(), 0.05, 3)
     assert rel_error(torch.cat([o["p"] for o in out]), expected) <= FP32
