@@ -144,7 +144,8 @@ class VisionTransformer(nn.Module):
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, embed_dim: int = 384, depth: int = 12,
                  num_heads: int = 6, mlp_ratio: float = 4.0, drop_path_rate: float = 0.0, n_registers: int = 0,
-                 layerscale: float = 0.0, in_chans: int = 3, packed_attention: bool = True) -> None:
+                 layerscale: float = 0.0, in_chans: int = 3, packed_attention: bool = True,
+                 mask_token: bool = False) -> None:
         super().__init__()
         self.patch_size, self.embed_dim, self.num_heads = patch_size, embed_dim, num_heads
         self.n_registers = n_registers
@@ -153,6 +154,8 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + n_patches, embed_dim))
         self.registers = nn.Parameter(torch.zeros(1, n_registers, embed_dim)) if n_registers else None
+        # DINOv2's learned embedding of a masked patch (iBOT), initialised to 0.
+        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim)) if mask_token else None
         rates = torch.linspace(0, drop_path_rate, depth).tolist()
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, r, layerscale, packed_attention)
                                     for r in rates)
@@ -177,21 +180,26 @@ class VisionTransformer(nn.Module):
         grid = grid.to(self.pos_embed.dtype).permute(0, 2, 3, 1).flatten(1, 2)
         return torch.cat([self.pos_embed[:, :1], grid], dim=1)
 
-    def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) images -> (B, 1 + R + h·w, D) tokens: CLS, registers, patches."""
+    def prepare_tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 3, H, W) images -> (B, 1 + R + h·w, D) tokens: CLS, registers, patches. ``masks`` (B, h·w) bool puts
+        the mask token in place of the masked patches' embeddings, before the position embedding is added."""
         b = x.shape[0]
         patches = self.patch_embed(x)
         h, w = patches.shape[-2:]
-        tokens = torch.cat([self.cls_token.expand(b, -1, -1), patches.flatten(2).transpose(1, 2)], dim=1)
+        patches = patches.flatten(2).transpose(1, 2)
+        if masks is not None:
+            patches = torch.where(masks.unsqueeze(-1), self.mask_token.to(patches.dtype), patches)
+        tokens = torch.cat([self.cls_token.expand(b, -1, -1), patches], dim=1)
         tokens = tokens + self.interpolate_pos_encoding(h, w)
         if self.registers is not None:
             tokens = torch.cat([tokens[:, :1], self.registers.expand(b, -1, -1), tokens[:, 1:]], dim=1)
         return tokens
 
-    def forward_tokens(self, crops: Sequence[torch.Tensor], generator: torch.Generator | None = None
-                       ) -> list[torch.Tensor]:
-        """Final-normed tokens of each crop group: list of (B_i, N_i, D)."""
-        xs = [self.prepare_tokens(c) for c in crops]
+    def forward_tokens(self, crops: Sequence[torch.Tensor], generator: torch.Generator | None = None,
+                       masks: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Final-normed tokens of each crop group: list of (B_i, N_i, D). ``masks`` (B_0, h·w) masks the patches of
+        the first group (the global crops)."""
+        xs = [self.prepare_tokens(c, masks if i == 0 else None) for i, c in enumerate(crops)]
         for block in self.blocks:
             xs = block(xs, generator)
         return [self.norm(x) for x in xs]
@@ -240,28 +248,50 @@ class DINOHead(nn.Module):
 
 
 class DINOModel(nn.Module):
-    """Backbone + head: crop groups -> (Σ B_i, K) logits, rows in crop-group order."""
+    """Backbone + head (+ DINOv2's separate iBOT head, if any): crop groups -> (Σ B_i, K) logits, rows in crop-group
+    order."""
 
-    def __init__(self, backbone: VisionTransformer, head: DINOHead) -> None:
+    def __init__(self, backbone: VisionTransformer, head: DINOHead, ibot_head: DINOHead | None = None) -> None:
         super().__init__()
-        self.backbone, self.head = backbone, head
+        self.backbone, self.head, self.ibot_head = backbone, head, ibot_head
 
     def forward(self, crops: Sequence[torch.Tensor], generator: torch.Generator | None = None,
-                return_features: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Logits (Σ B_i, K); with ``return_features`` also the backbone CLS features (Σ B_i, D) they came from."""
-        features = self.backbone(crops, generator)
-        logits = self.head(features)
-        return (logits, features) if return_features else logits
+                return_features: bool = False, patch_indices: torch.Tensor | None = None,
+                masks: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """Logits (Σ B_i, K); with ``return_features`` also the backbone CLS features (Σ B_i, D) they came from.
+
+        With ``patch_indices`` (DINOv2's forward; under DDP it must go through ``forward``): (CLS logits, CLS
+        features, patch logits (M, K)), the patch logits being those of the first group's (the global crops')
+        patches at the flat ``patch_indices`` into (B_0 · h·w). ``masks`` (B_0, h·w), the student's, replaces those
+        patches by the mask token at the input. The CLS tokens and the patches go through the shared head in one
+        call, or the patches through the iBOT head.
+        """
+        if patch_indices is None:
+            features = self.backbone(crops, generator)
+            logits = self.head(features)
+            return (logits, features) if return_features else logits
+        tokens = self.backbone.forward_tokens(crops, generator, masks)
+        features = torch.cat([t[:, 0] for t in tokens])
+        patches = tokens[0][:, 1 + self.backbone.n_registers:].flatten(0, 1).index_select(0, patch_indices)
+        if self.ibot_head is not None:
+            return self.head(features), features, self.ibot_head(patches)
+        logits = self.head(torch.cat([features, patches]))
+        return logits[:features.shape[0]], features, logits[features.shape[0]:]
 
 
 def build_model(cfg, drop_path: bool) -> DINOModel:
-    """Student (``drop_path=True``) or teacher network from a :class:`dino.config.Config`. The attention
-    implementation is chosen here, once: ``dino_kernels.packed_attention`` for ``kernels="fused"``, one plain-PyTorch
-    SDPA call per crop group for ``kernels="reference"``."""
+    """Student (``drop_path=True``) or teacher network from a :class:`dino.config.Config` (with recipe ``dinov2``:
+    a mask token, and a separate iBOT head if ``ibot_separate_head``). The attention implementation is chosen here,
+    once: ``dino_kernels.packed_attention`` for ``kernels="fused"``, one plain-PyTorch SDPA call per crop group for
+    ``kernels="reference"``."""
     backbone = VisionTransformer(
         img_size=cfg.global_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth,
         num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, drop_path_rate=cfg.drop_path_rate if drop_path else 0.0,
-        n_registers=cfg.n_registers, layerscale=cfg.layerscale, packed_attention=cfg.kernels != "reference")
-    head = DINOHead(cfg.embed_dim, cfg.out_dim, cfg.head_hidden_dim, cfg.head_bottleneck_dim, cfg.norm_last_layer,
-                    cfg.head_use_bn)
-    return DINOModel(backbone, head)
+        n_registers=cfg.n_registers, layerscale=cfg.layerscale, packed_attention=cfg.kernels != "reference",
+        mask_token=cfg.recipe == "dinov2")
+
+    def head() -> DINOHead:
+        return DINOHead(cfg.embed_dim, cfg.out_dim, cfg.head_hidden_dim, cfg.head_bottleneck_dim, cfg.norm_last_layer,
+                        cfg.head_use_bn)
+
+    return DINOModel(backbone, head(), head() if cfg.recipe == "dinov2" and cfg.ibot_separate_head else None)

@@ -17,11 +17,10 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
@@ -43,6 +42,7 @@ from dino.config import RUNTIME_FIELDS, Config, parse_args, run_command
 from dino.data import DataError, build_datasets
 from dino.eval_knn import knn_accuracy
 from dino.eval_linear import linear_accuracy
+from dino.masking import BatchMasks, batch_masks
 from dino.model import DINOModel, build_model
 from dino.schedules import Schedules
 
@@ -77,6 +77,7 @@ class EpochStats:
     entropy: float = 0.0
     kl: float = 0.0
     koleo: float = 0.0
+    ibot: float = 0.0
     steps: int = 0
     images: int = 0
     seconds: float = 0.0
@@ -142,24 +143,35 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------- step
-def koleo_loss(features: torch.Tensor, n_chunks: int) -> torch.Tensor:
-    """DINOv2's KoLeo regulariser (DINOv2's ``KoLeoLoss``), summed over the ``n_chunks`` global-crop chunks.
+class NetworkOutputs(NamedTuple):
+    """One step's forward passes. teacher: (G·B, K) logits of the global crops; student: (S·B, K) logits of all
+    crops and features: their (S·B, D) backbone CLS features; with DINOv2's masks also the (M, K) logits of the
+    masked patches of the global crops, teacher_patches from the unmasked crops and student_patches from the masked
+    ones (else None)."""
 
-    Per chunk of B rows (one global view), in fp32 with autocast off: z = x / max(‖x‖, 1e-8), each row's nearest
-    neighbour by cosine (diagonal excluded), d = ‖z − z_nn + 1e-8‖, L = −mean log(d + 1e-8). Pushes the features of a
-    batch apart, against the feature collapse that small datasets invite.
-    """
-    total = features.new_zeros((), dtype=torch.float32)
-    with torch.autocast(features.device.type, enabled=False):
-        for chunk in features.float().chunk(n_chunks):
-            z = F.normalize(chunk, dim=-1, eps=1e-8)
-            with torch.no_grad():
-                dots = z @ z.T
-                dots.fill_diagonal_(-1.0)
-                nearest = dots.argmax(dim=1)
-            distance = F.pairwise_distance(z, z[nearest], p=2, eps=1e-8)
-            total = total - torch.log(distance + 1e-8).mean()
-    return total
+    teacher: torch.Tensor
+    student: torch.Tensor
+    features: torch.Tensor
+    teacher_patches: torch.Tensor | None
+    student_patches: torch.Tensor | None
+
+
+class StepResult(NamedTuple):
+    """What a training step reports: the DINO loss, the KoLeo and iBOT terms (Python floats: the step syncs once
+    for them) and the teacher entropy and KL (0-d tensors)."""
+
+    loss: float
+    teacher_entropy: torch.Tensor
+    kl: torch.Tensor
+    koleo: float
+    ibot: float
+
+
+def koleo_loss(features: torch.Tensor, n_chunks: int) -> torch.Tensor:
+    """DINOv2's KoLeo regulariser, :func:`dino_kernels.koleo_loss` of each of the ``n_chunks`` global-crop chunks of
+    B rows (one global view: a sample is never its own view's neighbour), summed; fp32 math whatever the autocast
+    dtype. Pushes the features of a batch apart, against the feature collapse that small datasets invite."""
+    return torch.stack([dino_kernels.koleo_loss(chunk) for chunk in features.chunk(n_chunks)]).sum()
 
 
 def collapse_warning(epoch: int, entropy: float, ln_k: float) -> str | None:
@@ -241,6 +253,14 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         # The DINO center c: (1, K) fp32, an EMA of the teacher's batch-mean logits (update_center_ in the step).
         self.center = torch.zeros(1, cfg.out_dim, device=self.device)
+        # DINOv2: the iBOT patch center, (1, K) fp32 like the DINO center; the masks' patch grid; and the DINO loss
+        # weighting: DINOv2 divides its DINO terms by 2 + max(2L, 1) (3 with no local crop), where the fused loss
+        # averages over its G·(S − 1) = 2 + 2L pairs.
+        self.dinov2 = cfg.recipe == "dinov2"
+        self.patch_center = torch.zeros(1, cfg.out_dim, device=self.device) if self.dinov2 else None
+        self.mask_grid = (cfg.global_size // cfg.patch_size,) * 2
+        pairs = cfg.n_global_crops * (cfg.n_global_crops + cfg.n_local_crops - 1)
+        self.dino_loss_scale = pairs / (2 + max(2 * cfg.n_local_crops, 1)) if self.dinov2 else 1.0
         # Each rank draws its own augmentations and stochastic-depth subsets.
         torch.manual_seed(cfg.seed + self.info.rank)
         self.epoch, self.step = 0, 0
@@ -270,6 +290,7 @@ class Trainer:
             "student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
             "center": self.center.detach().cpu(), "rng": rng, "history": self.history,
+            **({"patch_center": self.patch_center.detach().cpu()} if self.dinov2 else {}),
         }
 
     def _restore(self, state: dict[str, Any]) -> None:
@@ -285,6 +306,8 @@ class Trainer:
             raise CheckpointError(f"the checkpoint's center has shape {tuple(state['center'].shape)}, expected "
                                   f"{tuple(self.center.shape)}")
         self.center.copy_(state["center"])
+        if self.dinov2:
+            self.patch_center.copy_(state["patch_center"])
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         if self.step != self.epoch * self.iters_per_epoch:
             raise CheckpointError(f"the checkpoint is at step {self.step} of epoch {self.epoch}, but this data gives "
@@ -296,37 +319,47 @@ class Trainer:
         restore_rng_state(state["rng"][self.info.rank])
 
     # ------------------------------------------------------------------------------------------ loop
-    def train_step(self, images: torch.Tensor, epoch: int) -> tuple[float, torch.Tensor, torch.Tensor, float]:
+    def train_step(self, images: torch.Tensor, epoch: int) -> StepResult:
         """Augment a uint8 batch on the device, then :meth:`step_on_crops`."""
         return self.step_on_crops(self.augment(images.to(self.device, non_blocking=True)), epoch)
 
-    def step_on_crops(self, crops: list[torch.Tensor], epoch: int
-                      ) -> tuple[float, torch.Tensor, torch.Tensor, float]:
-        """One DINO iteration (docs/algorithm.md), on ``crops = [globals (G·B, ...), locals (L·B, ...)]``: teacher
-        forward on the global crops, student forward on all crops, DINO loss at this epoch's teacher temperature
-        (+ KoLeo), center update, NaN guard, backward, per-tensor clip, last-layer freeze, AdamW step, teacher EMA.
-        Returns the DINO loss, the teacher entropy and KL (0-d tensors) and the KoLeo term."""
+    def step_on_crops(self, crops: list[torch.Tensor], epoch: int) -> StepResult:
+        """One DINO (or DINOv2) iteration (docs/algorithm.md), on ``crops = [globals (G·B, ...), locals (L·B, ...)]``:
+        (DINOv2: block masks for the global crops,) teacher and student forwards, DINO loss at this epoch's teacher
+        temperature (+ iBOT, + KoLeo), center updates, NaN guard, backward, per-tensor clip, last-layer freeze,
+        AdamW step, teacher EMA."""
         cfg, it = self.cfg, self.step
         for i, group in enumerate(self.optimizer.param_groups):
             group["lr"] = float(self.schedules.lr[it])
             if i == 0:
                 group["weight_decay"] = float(self.schedules.weight_decay[it])
-        global_crops = crops[0]
+        teacher_temp = float(self.schedules.teacher_temp[epoch])
+        sinkhorn = cfg.centering == "sinkhorn_knopp" and epoch >= cfg.centering_warmup_epochs
+        centering = "sinkhorn_knopp" if sinkhorn else "softmax"
+        masks = self.draw_masks(crops[0].shape[0]) if self.dinov2 else None
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            with torch.no_grad():
-                teacher_logits = self.teacher([global_crops])
-            student_logits, features = self.ddp_student(crops, return_features=True)
-            loss, stats = dino_kernels.dino_loss(student_logits, teacher_logits, self.center,
+            out = self.forward_networks(crops, masks)
+            loss, stats = dino_kernels.dino_loss(out.student, out.teacher, self.center,
                                                  n_global_crops=cfg.n_global_crops, student_temp=cfg.student_temp,
-                                                 teacher_temp=float(self.schedules.teacher_temp[epoch]),
-                                                 return_stats=True)
-        dino_kernels.update_center_(self.center, stats.teacher_mean, cfg.center_momentum)  # all-reduced under DDP
-        koleo, total = torch.zeros_like(loss), loss
+                                                 teacher_temp=teacher_temp, centering=centering, return_stats=True)
+            total = loss * self.dino_loss_scale if self.dinov2 else loss
+            ibot = koleo = torch.zeros_like(loss)
+            if masks is not None:  # DINOv2's iBOT term on the masked patches of the global crops
+                ibot = dino_kernels.ibot_patch_loss(out.student_patches, out.teacher_patches, self.patch_center,
+                                                    masks.weights, n_images=masks.masks.shape[0],
+                                                    student_temp=cfg.student_temp, teacher_temp=teacher_temp,
+                                                    centering=centering)
+                total = total + cfg.ibot_weight * ibot
+        if not sinkhorn:  # the center EMAs (all-reduced under DDP); Sinkhorn-Knopp needs none
+            dino_kernels.update_center_(self.center, stats.teacher_mean, cfg.center_momentum)
+            if masks is not None:
+                self.update_patch_center_(out.teacher_patches)
         if cfg.koleo_weight > 0:  # DINOv2's KoLeo term on the student's global-crop CLS features
-            koleo = koleo_loss(features[: global_crops.shape[0]], n_chunks=cfg.n_global_crops)
-            total = loss + cfg.koleo_weight * koleo
-        # One host sync for the three numbers the guard and the progress bar need.
-        loss_value, total_value, koleo_value = torch.stack([t.detach().float() for t in (loss, total, koleo)]).tolist()
+            koleo = koleo_loss(out.features[: crops[0].shape[0]], n_chunks=cfg.n_global_crops)
+            total = total + cfg.koleo_weight * koleo
+        # One host sync for the numbers the guard and the progress bar need.
+        values = torch.stack([t.detach().float() for t in (loss, total, koleo, ibot)]).tolist()
+        loss_value, total_value, koleo_value, ibot_value = values
         if _all_reduce_flag(not (math.isfinite(loss_value) and math.isfinite(total_value)), self.info, self.device):
             raise NonFiniteLossError(
                 f"non-finite loss ({total_value}) at epoch {epoch + 1}, step {it}: training stopped. The last good "
@@ -342,7 +375,38 @@ class Trainer:
         self.scaler.update()
         dino_kernels.ema_(self.teacher_params, self.student_params, float(self.schedules.momentum[it]))
         self.step += 1
-        return loss_value, stats.teacher_entropy, stats.kl, koleo_value
+        return StepResult(loss_value, stats.teacher_entropy, stats.kl, koleo_value, ibot_value)
+
+    def draw_masks(self, n_crops: int) -> BatchMasks:
+        """DINOv2's block masks for the ``n_crops`` global crops, drawn from the global RNG (see dino.masking)."""
+        masks = batch_masks(n_crops, self.mask_grid, self.cfg.mask_ratio, self.cfg.mask_probability)
+        return BatchMasks(*(t.to(self.device, non_blocking=True) for t in masks))
+
+    def forward_networks(self, crops: list[torch.Tensor], masks: BatchMasks | None) -> NetworkOutputs:
+        """Teacher on the global crops (no gradient), student on all crops; with DINOv2's masks also the logits of
+        the masked patches, the student's from its masked global crops."""
+        if masks is None:
+            with torch.no_grad():
+                teacher = self.teacher([crops[0]])
+            student, features = self.ddp_student(crops, return_features=True)
+            return NetworkOutputs(teacher, student, features, None, None)
+        with torch.no_grad():
+            teacher, _, teacher_patches = self.teacher([crops[0]], patch_indices=masks.indices)
+        student, features, student_patches = self.ddp_student(crops, patch_indices=masks.indices, masks=masks.masks)
+        return NetworkOutputs(teacher, student, features, teacher_patches, student_patches)
+
+    @torch.no_grad()
+    def update_patch_center_(self, teacher_patches: torch.Tensor) -> None:
+        """The iBOT center EMA on the mean raw teacher logits of the masked patches of every rank; kept as it is
+        when no rank has a masked patch (no host sync: the choice is made on the device)."""
+        sums = torch.cat([teacher_patches.float().sum(0), teacher_patches.new_full((1,), teacher_patches.shape[0],
+                                                                                    dtype=torch.float32)])
+        if self.info.enabled:
+            dist.all_reduce(sums)
+        count = sums[-1]
+        momentum = self.cfg.center_momentum
+        updated = self.patch_center * momentum + (sums[:-1] / count.clamp(min=1.0)) * (1.0 - momentum)
+        self.patch_center.copy_(torch.where(count > 0, updated, self.patch_center))
 
     def _last_good(self) -> str:
         path = os.path.join(self.cfg.output_dir, FILENAME)
@@ -359,11 +423,13 @@ class Trainer:
                    disable=not (self.info.main and self.cfg.progress), dynamic_ncols=True, leave=True, file=sys.stdout)
         start = time.perf_counter()
         for images, _ in self.loader:
-            loss, ent, step_kl, koleo = self.train_step(images, epoch)
+            result = self.train_step(images, epoch)
+            loss = result.loss
             stats.losses.append(loss)
-            stats.koleo += koleo
-            entropy += ent
-            kl += step_kl
+            stats.koleo += result.koleo
+            stats.ibot += result.ibot
+            entropy += result.teacher_entropy
+            kl += result.kl
             stats.steps += 1
             stats.images += images_per_step
             elapsed = time.perf_counter() - start
@@ -377,11 +443,12 @@ class Trainer:
         # Epoch means over all ranks (one collective per epoch).
         means = torch.stack([torch.tensor(sum(stats.losses), dtype=torch.float64, device=self.device),
                              entropy.double(), kl.double(),
-                             torch.tensor(stats.koleo, dtype=torch.float64, device=self.device)]) / stats.steps
+                             torch.tensor(stats.koleo, dtype=torch.float64, device=self.device),
+                             torch.tensor(stats.ibot, dtype=torch.float64, device=self.device)]) / stats.steps
         if self.info.enabled:
             dist.all_reduce(means)
             means /= self.info.world_size
-        stats.loss, stats.entropy, stats.kl, stats.koleo = means.tolist()
+        stats.loss, stats.entropy, stats.kl, stats.koleo, stats.ibot = means.tolist()
         return stats
 
     def evaluate(self) -> float | None:
@@ -439,7 +506,8 @@ class Trainer:
                     "weight_decay": float(self.schedules.weight_decay[it]),
                     "teacher_temp": float(self.schedules.teacher_temp[epoch]),
                     "momentum": float(self.schedules.momentum[it]), "teacher_entropy": stats.entropy,
-                    "ln_k": ln_k, "kl": stats.kl, "koleo": stats.koleo, "knn_top1": knn, "linear_top1": linear,
+                    "ln_k": ln_k, "kl": stats.kl, "koleo": stats.koleo, "ibot": stats.ibot, "knn_top1": knn,
+                    "linear_top1": linear,
                     "img_per_s": stats.images / stats.seconds, "epoch_seconds": stats.seconds,
                     "peak_mem_mb": peak_memory_mb(self.device),
                 }
@@ -461,7 +529,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ output
     def _report(self, record: dict[str, Any], ln_k: float) -> None:
         knn = f", k-NN top-1 {record['knn_top1']:.2f}%" if record["knn_top1"] is not None else ""
-        tqdm.write(f"epoch {record['epoch']}/{self.cfg.epochs}: loss {record['loss']:.4f}, teacher entropy "
+        ibot = f", iBOT {record['ibot']:.4f}" if self.dinov2 else ""
+        tqdm.write(f"epoch {record['epoch']}/{self.cfg.epochs}: loss {record['loss']:.4f}{ibot}, teacher entropy "
                    f"{record['teacher_entropy']:.3f} (ln K = {ln_k:.3f}), KL {record['kl']:.4f}{knn}, "
                    f"{record['img_per_s']:.0f} img/s", file=sys.stdout)
         message = collapse_warning(record["epoch"], record["teacher_entropy"], ln_k)

@@ -27,9 +27,10 @@ result). A mutant that cannot change any result (an equivalent mutant) would car
 ``equivalent`` field and be reported with it when it survives; none of the mutants below is equivalent.
 
 Run time, measured on the 2-core development machine (shared with other jobs): 10.9 minutes for the 56 mutants
-that run (56/56 killed), of which about 4 minutes go to the 6 C++ mutants (their rebuilds; the first compiles every
-C++ file) and up to 3 to the baseline; a Python mutant takes 3 to 11 s. Not part of CI (too slow for every push):
-run it after changing a kernel, a test of one, or the trainer's step.
+that ran before the DINOv2 ops (56/56 killed), of which about 4 minutes go to the 6 C++ mutants (their rebuilds; the
+first compiles every C++ file) and up to 3 to the baseline; a Python mutant takes 3 to 11 s. The 71 mutants of today
+(2 need a GPU) were last run by name, ``--only`` ibot, sk, koleo, loss and train-: every one killed. Not part of CI
+(too slow for every push): run it after changing a kernel, a test of one, or the trainer's step.
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ ATTN_GUARD = "tests/test_packed_attention.py", "inside_their_buffers"
 SD_GUARD = "tests/test_stochastic_depth.py", "write_only_their_output"
 RECIPE = "tests/test_train.py", "applies_the_recipe"
 RESUME = "tests/test_train.py", "test_exact_resume"
+DINOV2_STEP = "tests/test_train.py", "dinov2_step_adds_ibot"
 
 
 def mutant(name: str, file: str, original: str, replacement: str, selection: tuple[str, str],
@@ -285,8 +287,8 @@ MUTANTS = [
            "if epoch < cfg.freeze_last_layer:", "if epoch <= cfg.freeze_last_layer:", RECIPE,
            "the last layer stays frozen one epoch longer than freeze_last_layer"),
     mutant("train-teacher-temp-epoch-off-by-one", "dino/train.py",
-           "teacher_temp=float(self.schedules.teacher_temp[epoch])",
-           "teacher_temp=float(self.schedules.teacher_temp[epoch - 1])", RECIPE,
+           "teacher_temp = float(self.schedules.teacher_temp[epoch])",
+           "teacher_temp = float(self.schedules.teacher_temp[epoch - 1])", RECIPE,
            "the loss gets the previous epoch's teacher temperature"),
     mutant("train-student-temp-dropped", "dino/train.py",
            "n_global_crops=cfg.n_global_crops, student_temp=cfg.student_temp,", "n_global_crops=cfg.n_global_crops,",
@@ -296,8 +298,21 @@ MUTANTS = [
            '            if i >= 0:\n                group["weight_decay"]', RECIPE,
            "the weight-decay schedule is applied to biases and norms too"),
     mutant("train-koleo-weight-dropped", "dino/train.py",
-           "total = loss + cfg.koleo_weight * koleo", "total = loss + koleo", RECIPE,
+           "total = total + cfg.koleo_weight * koleo", "total = total + koleo", RECIPE,
            "KoLeo enters the objective with weight 1 instead of koleo_weight"),
+    mutant("train-ibot-weight-dropped", "dino/train.py",
+           "total = total + cfg.ibot_weight * ibot", "total = total + ibot", DINOV2_STEP,
+           "the iBOT term enters the objective with weight 1 instead of ibot_weight"),
+    mutant("train-dinov2-dino-weighting-dropped", "dino/train.py",
+           "total = loss * self.dino_loss_scale if self.dinov2 else loss", "total = loss", DINOV2_STEP,
+           "the DINO term is not weighted as DINOv2 weights it (2/3 with no local crop)"),
+    mutant("train-centers-move-under-sinkhorn", "dino/train.py",
+           "        if not sinkhorn:  # the center EMAs", "        if True:  # the center EMAs", DINOV2_STEP,
+           "the center EMAs keep moving after the switch to Sinkhorn-Knopp centering"),
+    mutant("train-masks-not-applied", "dino/model.py",
+           "xs = [self.prepare_tokens(c, masks if i == 0 else None) for i, c in enumerate(crops)]",
+           "xs = [self.prepare_tokens(c) for c in crops]", DINOV2_STEP,
+           "the student's global crops are not masked (the mask token never reaches the network)"),
     mutant("train-resume-rng-not-restored", "dino/train.py",
            'restore_rng_state(state["rng"][self.info.rank])', 'state["rng"][self.info.rank]', RESUME,
            "resume does not restore the RNG states: augmentations and drop-path draws differ from the straight run"),

@@ -19,7 +19,9 @@ def test_learning_benchmark_runs_each_seed_and_writes_its_table(tmp_path, monkey
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the runs are a user's command lines
     out = tmp_path / "learning"
     assert learning.main(["--seeds", "3", "--reference-seeds", "3", "--out", str(out), "--", *TINY]) == 0
-    runs = json.loads(out.with_suffix(".json").read_text())["runs"]
+    (group,) = json.loads(out.with_suffix(".json").read_text())["groups"]
+    runs = group["runs"]
+    assert group["preset"] == "cpu-tiny"
     assert [(r["seed"], r["kernels"]) for r in runs] == [(3, "fused"), (3, "reference")]
     for r in runs:
         assert r["epochs"] == 2 and [epoch for epoch, _ in r["knn_curve"]] == [1, 2]
@@ -30,3 +32,29 @@ def test_learning_benchmark_runs_each_seed_and_writes_its_table(tmp_path, monkey
     for r in runs:
         assert f"| 3 | {r['kernels']} | {r['knn_top1']:.2f} % | {r['linear_top1']:.2f} % |" in table
         assert f"| mean | {r['kernels']} | {r['knn_top1']:.2f} % |" in table
+
+
+def test_learning_benchmark_keeps_the_other_presets_results(tmp_path, monkeypatch):
+    """A run of one preset replaces that preset's section and keeps the others' (the DINOv2 preset next to the
+    default); the command line it runs names the preset only when it is not the default."""
+    out = tmp_path / "learning"
+    commands = []
+
+    def fake_run(seed, kernels, extra, preset=None):
+        commands.append(preset)
+        return {"seed": seed, "kernels": kernels, "knn_top1": 90.0 + seed, "linear_top1": None, "wall_seconds": 2.0,
+                "train_seconds": 1.0, "img_per_s": 5.0, "epochs": 1, "min_entropy_fraction": 0.1,
+                "max_entropy_fraction": 0.2, "knn_curve": [(1, 90.0 + seed)]}
+
+    monkeypatch.setattr(learning, "run_seed", fake_run)
+    learning.main(["--seeds", "1", "--out", str(out)])
+    learning.main(["--preset", "cpu-tiny-v2", "--seeds", "2", "--out", str(out)])
+    learning.main(["--preset", "cpu-tiny-v2", "--seeds", "3", "--out", str(out)])
+    assert commands == [None, "cpu-tiny-v2", "cpu-tiny-v2"]
+    groups = json.loads(out.with_suffix(".json").read_text())["groups"]
+    assert [(g["preset"], [r["seed"] for r in g["runs"]]) for g in groups] == [("cpu-tiny", [1]),
+                                                                               ("cpu-tiny-v2", [3])]
+    table = out.with_suffix(".md").read_text()
+    assert "## cpu-tiny: the default" in table
+    assert "## cpu-tiny-v2: `python -m dino.train --preset cpu-tiny-v2`" in table
+    assert "| 1 | fused | 91.00 % |" in table and "| 3 | fused | 93.00 % |" in table and "| 2 | fused" not in table

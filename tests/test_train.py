@@ -495,26 +495,32 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["checkpoint.pth"]
 
 
+def _interrupt_then_resume(cfg, values, epochs_done: int, monkeypatch) -> list[dict]:
+    """Run ``cfg`` until an interruption in epoch ``epochs_done + 1``, check that the checkpoint holds the epochs
+    done, and resume it (on the CPU again: the device is a runtime option, not taken from the checkpoint); returns
+    the resumed run's history."""
+    real_epoch = train_mod.Trainer.train_epoch
+
+    def crash(self, epoch):
+        if epoch == epochs_done:
+            raise KeyboardInterrupt
+        return real_epoch(self, epoch)
+
+    monkeypatch.setattr(train_mod.Trainer, "train_epoch", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.train(cfg, values)
+    monkeypatch.undo()
+    assert load_checkpoint(cfg.output_dir)["epoch"] == epochs_done
+    overrides = {"resume": cfg.output_dir, "device": "cpu"}
+    return train_mod.train(resolve_config(overrides), overrides)
+
+
 def test_exact_resume(tiny_run, tmp_path, monkeypatch):
     """A run interrupted after epoch 2 and resumed reproduces the uninterrupted run exactly: loss curve, k-NN,
     weights and center."""
     cfg, history = tiny_run
     part_cfg, values = tiny_config(tmp_path)
-    real_epoch = train_mod.Trainer.train_epoch
-
-    def crash_in_epoch_3(self, epoch):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return real_epoch(self, epoch)
-
-    monkeypatch.setattr(train_mod.Trainer, "train_epoch", crash_in_epoch_3)
-    with pytest.raises(KeyboardInterrupt):
-        train_mod.train(part_cfg, values)
-    monkeypatch.undo()
-    assert load_checkpoint(part_cfg.output_dir)["epoch"] == 2
-    # The device is a runtime option (not taken from the checkpoint): the CPU again.
-    overrides = {"resume": part_cfg.output_dir, "device": "cpu"}
-    resumed = train_mod.train(resolve_config(overrides), overrides)
+    resumed = _interrupt_then_resume(part_cfg, values, 2, monkeypatch)
     assert [r["loss"] for r in resumed] == [r["loss"] for r in history]
     assert [r["knn_top1"] for r in resumed] == [r["knn_top1"] for r in history]
     a, b = load_checkpoint(cfg.output_dir), load_checkpoint(part_cfg.output_dir)
@@ -578,7 +584,7 @@ def test_step_follows_the_config(tmp_path, monkeypatch):
     crops = trainer.augment(images)
     assert [c.shape[0] for c in crops] == [b, cfg.n_local_crops * b]
     center = trainer.center
-    loss, entropy, kl, koleo = trainer.step_on_crops(crops, 1)
+    loss, entropy, kl, koleo, _ = trainer.step_on_crops(crops, 1)
     assert math.isfinite(loss) and math.isfinite(koleo) and 0 <= entropy.item() <= math.log(cfg.out_dim) + 1e-4
     (student_rows, teacher_rows, kwargs), = calls
     assert (student_rows, teacher_rows) == ((1 + cfg.n_local_crops) * b, b)
@@ -652,7 +658,7 @@ def test_step_applies_the_recipe(tmp_path, monkeypatch):
     teacher_temps = np.linspace(cfg.warmup_teacher_temp, cfg.teacher_temp, cfg.warmup_teacher_temp_epochs)
     for epoch in (1, 2):  # epoch 1 < freeze_last_layer = 2: last layer frozen; epoch 2: trained
         it = epoch * ipe + 1
-        (loss, _, _, koleo), teacher_before, center_before = recorder.run(crops, epoch, it)
+        (loss, _, _, koleo, _), teacher_before, center_before = recorder.run(crops, epoch, it)
         seen = recorder.seen
         # The schedules at this iteration: lr in its warmup (epoch 1) or its cosine (epoch 2), weight decay on the
         # first parameter group only.
@@ -784,3 +790,134 @@ def test_fused_and_reference_steps_agree_on_the_default_preset(tmp_path):
                 if step == 5:
                     break
     np.testing.assert_allclose(losses["fused"], losses["reference"], rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------- DINOv2
+# The tiny run with recipe dinov2 on 16-px global crops (4x4 patch grids, so that block masks fit): iBOT on the masked
+# patches, softmax centering for the first epoch, then Sinkhorn-Knopp, registers and LayerScale.
+TINY_V2 = {"recipe": "dinov2", "image_size": 16, "global_size": 16, "local_size": 8, "centering": "sinkhorn_knopp",
+           "centering_warmup_epochs": 1, "n_registers": 1, "layerscale": 0.1, "mask_probability": 1.0}
+
+
+def test_vit_mask_token_replaces_the_masked_patch_embeddings():
+    vit = VisionTransformer(img_size=16, patch_size=4, embed_dim=16, depth=1, num_heads=2, mask_token=True)
+    with torch.no_grad():
+        vit.mask_token.normal_()
+    images = torch.randn(3, 3, 16, 16)
+    masks = torch.zeros(3, 16, dtype=torch.bool)
+    masks[1, [0, 5, 15]] = True
+    plain, masked = vit.prepare_tokens(images), vit.prepare_tokens(images, masks)
+    pos = vit.interpolate_pos_encoding(4, 4)[0, 1:]
+    torch.testing.assert_close(masked[1, 1:][masks[1]], vit.mask_token.expand(3, -1) + pos[masks[1]])
+    torch.testing.assert_close(masked[:, 1:][~masks], plain[:, 1:][~masks])
+    torch.testing.assert_close(masked[:, 0], plain[:, 0])
+
+
+@pytest.mark.parametrize("separate", [False, True])
+def test_dinov2_forward_returns_the_masked_patch_logits(tmp_path, separate):
+    cfg, _ = tiny_config(tmp_path, **TINY_V2, ibot_separate_head=separate)
+    model = build_model(cfg, drop_path=False).eval()
+    assert (model.ibot_head is not None) == separate
+    globals_, locals_ = torch.randn(4, 3, 16, 16), torch.randn(2 * 4, 3, 8, 8)
+    indices = torch.tensor([0, 7, 20, 63])
+    logits, features, patch_logits = model([globals_, locals_], patch_indices=indices)
+    torch.testing.assert_close(logits, model([globals_, locals_]))
+    tokens = model.backbone.forward_tokens([globals_])[0][:, 1 + cfg.n_registers:].flatten(0, 1)
+    head = model.ibot_head if separate else model.head
+    torch.testing.assert_close(patch_logits, head(tokens[indices]), rtol=1e-5, atol=1e-6)
+    assert features.shape == (12, cfg.embed_dim) and patch_logits.shape == (4, cfg.out_dim)
+
+
+@pytest.mark.usefixtures("kornia")
+def test_dinov2_step_adds_ibot_and_switches_to_sinkhorn_knopp(tmp_path, monkeypatch):
+    """The DINOv2 step: the masked patches reach the iBOT loss with DINOv2's weights and image count, the DINO terms
+    are weighted as DINOv2 (2/3 with no local crop), softmax centering (both centers move) until
+    centering_warmup_epochs, then Sinkhorn-Knopp (the centers stay), and the mask token gets a gradient."""
+    cfg, values = tiny_config(tmp_path, **TINY_V2, n_local_crops=0, ibot_weight=0.7, koleo_weight=0.0)
+    trainer = train_mod.Trainer(cfg, values)
+    calls = {"dino": [], "ibot": []}
+    real_dino, real_ibot = dino_kernels.dino_loss, dino_kernels.ibot_patch_loss
+
+    def dino(*args, **kwargs):
+        calls["dino"].append(kwargs)
+        return real_dino(*args, **kwargs)
+
+    def ibot(student, teacher, center, weights, **kwargs):
+        out = real_ibot(student, teacher, center, weights, **kwargs)
+        calls["ibot"].append((student.shape[0], teacher.shape[0], weights, kwargs, out.item()))
+        return out
+
+    totals = []
+    real_scale = trainer.scaler.scale
+    monkeypatch.setattr(dino_kernels, "dino_loss", dino)
+    monkeypatch.setattr(dino_kernels, "ibot_patch_loss", ibot)
+    monkeypatch.setattr(trainer.scaler, "scale", lambda total: totals.append(total.item()) or real_scale(total))
+    grads = []
+    monkeypatch.setattr(trainer.optimizer, "step", lambda *a, **k: grads.append(
+        trainer.student.backbone.mask_token.grad.clone()))
+    images, _ = next(iter(trainer.loader))
+    crops = trainer.augment(images)
+    n_crops = crops[0].shape[0]
+    for epoch in (0, 1):
+        center, patch_center = trainer.center.clone(), trainer.patch_center.clone()
+        torch.manual_seed(epoch)
+        expected_masks = train_mod.batch_masks(n_crops, (4, 4), cfg.mask_ratio, cfg.mask_probability)
+        torch.manual_seed(epoch)
+        result = trainer.step_on_crops(crops, epoch)
+        centering = "softmax" if epoch == 0 else "sinkhorn_knopp"
+        assert calls["dino"][-1]["centering"] == centering
+        rows, teacher_rows, weights, kwargs, ibot_value = calls["ibot"][-1]
+        assert rows == teacher_rows == len(expected_masks.indices) > 0
+        torch.testing.assert_close(weights, expected_masks.weights)
+        assert kwargs["n_images"] == n_crops and kwargs["centering"] == centering
+        assert result.ibot == pytest.approx(ibot_value)
+        assert totals[-1] == pytest.approx(result.loss * 2 / 3 + 0.7 * ibot_value, rel=1e-5)
+        moved = not torch.equal(center, trainer.center), not torch.equal(patch_center, trainer.patch_center)
+        assert moved == ((True, True) if epoch == 0 else (False, False))
+        assert grads[-1].abs().sum() > 0
+
+
+@pytest.mark.usefixtures("kornia")
+def test_dinov2_exact_resume_and_metrics(tmp_path, monkeypatch):
+    """A DINOv2 run interrupted after epoch 1 and resumed reproduces the uninterrupted one exactly (masks replay from
+    the saved RNG, the patch center is saved); its metrics carry the iBOT term."""
+    cfg, values = tiny_config(tmp_path / "full", **TINY_V2, epochs=2, eval_every=0)
+    history = train_mod.train(cfg, values)
+    assert all(r["ibot"] > 0 for r in history)
+    part_cfg, part_values = tiny_config(tmp_path / "part", **TINY_V2, epochs=2, eval_every=0)
+    resumed = _interrupt_then_resume(part_cfg, part_values, 1, monkeypatch)
+    assert [(r["loss"], r["ibot"]) for r in resumed] == [(r["loss"], r["ibot"]) for r in history]
+    a, b = load_checkpoint(cfg.output_dir), load_checkpoint(part_cfg.output_dir)
+    assert torch.equal(a["patch_center"], b["patch_center"]) and a["patch_center"].abs().sum() > 0
+    for name in a["student"]:
+        assert torch.equal(a["student"][name], b["student"][name]), name
+
+
+@pytest.mark.usefixtures("kornia")
+def test_dinov2_fused_and_reference_steps_agree(tmp_path):
+    losses = {}
+    for kernels in ("fused", "reference"):
+        cfg, values = tiny_config(tmp_path / kernels, **{**TINY_V2, "centering_warmup_epochs": 0}, kernels=kernels)
+        trainer = train_mod.Trainer(cfg, values)
+        trainer.sampler.set_epoch(0)
+        losses[kernels] = []
+        with dino_kernels.backend("reference" if kernels == "reference" else "auto"):
+            for step, (images, _) in enumerate(trainer.loader):
+                result = trainer.train_step(images, 0)
+                losses[kernels].append((result.loss, result.ibot, result.koleo))
+                if step == 2:
+                    break
+    np.testing.assert_allclose(losses["fused"], losses["reference"], rtol=1e-5)
+
+
+def test_dinov2_config_validation():
+    with pytest.raises(ValueError, match="recipe"):
+        resolve_config({"preset": "cpu-tiny", "recipe": "dinov3"})
+    with pytest.raises(ValueError, match="n_global_crops"):
+        resolve_config({"preset": "cpu-tiny-v2", "n_global_crops": 1})
+    with pytest.raises(ValueError, match="mask_ratio"):
+        resolve_config({"preset": "cpu-tiny-v2", "mask_ratio": (0.5, 0.1)})
+    with pytest.raises(ValueError, match="centering"):
+        resolve_config({"preset": "cpu-tiny-v2", "centering": "none"})
+    cfg = resolve_config({"preset": "vit-s14-v2"})
+    assert (cfg.recipe, cfg.patch_size, cfg.n_registers, cfg.centering) == ("dinov2", 14, 4, "sinkhorn_knopp")
