@@ -24,18 +24,20 @@
 #   2 build      pip install --no-build-isolation -e . for sm_90 (in place if    60 s    49 s   240 s
 #                pip fails; if the CUDA C++ part cannot build, a clear line
 #                and a CPU+Triton build: the Triton ops still run)
-#   3 parity     pytest -m cuda -n 8: ~220 tests, every op x fp32/fp16/bf16     100 s    95 s   200 s
+#   3 parity     pytest -m cuda -n 8: ~340 tests (~220 at the H200 run),     150 s    95 s   200 s
+#                every op x fp32/fp16/bf16
 #                on CUDA tensors against the float64 reference, odd shapes,
 #                strided q/k/v, autocast, EMA CUDA C++ + Triton
-#   4 bench      pytest benchmarks/ -m session: 36 cases answering the          180 s   101 s   270 s
-#                README's targets (2 loss + 4 FlexAttention compiles, 2 train
-#                steps)
+#   4 bench      pytest benchmarks/ -m session: 45 cases (36 at the H200 run)   190 s   101 s   270 s
+#                answering the README's targets (2 loss + 4 FlexAttention
+#                compiles, 2 train steps; SK + DINO loss, iBOT and KoLeo
+#                with their compiled references)
 #   5 smoke      100 ViT-S/16 steps fused, then --kernels reference, same seed   60 s    54 s   150 s
 #   6 sanitize   compute-sanitizer memcheck, then racecheck, over               2 x 30 s  34 s  2 x 90 s
 #                kernel_cases.py (one small bf16 case of every kernel, both
 #                GPU backends, and one bad input per C++ op); last: the least
 #                predictable under instrumentation
-#   sum                                                                      7 min 45 s  5 min 47 s
+#   sum                                                                      8 min 45 s  5 min 47 s
 # A deadline (GPU_SESSION_BUDGET_S, default 570 s) caps every phase so that the summary is written before the device
 # tool's 600 s limit. The dry run takes about 2 minutes on our 2-core machine.
 set -uo pipefail
