@@ -139,7 +139,11 @@ class iBOTPatchLoss(_LazyCenter):  # noqa: N801 - DINOv2's name
 
     def __init__(self, patch_out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
         super().__init__((1, 1, patch_out_dim), student_temp, center_momentum)
-        self.len_teacher_patch_tokens = None
+
+    @property
+    def len_teacher_patch_tokens(self) -> int | None:
+        """DINOv2's name for the row count of the pending center update."""
+        return self.len_teacher_output
 
     @torch.no_grad()
     def softmax_center_teacher(self, teacher_patch_tokens: torch.Tensor, teacher_temp: float) -> torch.Tensor:
@@ -187,7 +191,6 @@ class iBOTPatchLoss(_LazyCenter):  # noqa: N801 - DINOv2's name
         center is their mean over dim 1, summed over dim 0; applied at the next ``softmax_center_teacher``."""
         self._start_center_update(torch.sum(teacher_patch_tokens.mean(1), dim=0, keepdim=True),
                                   len(teacher_patch_tokens))
-        self.len_teacher_patch_tokens = self.len_teacher_output
 
 
 class KoLeoLoss(nn.Module):
