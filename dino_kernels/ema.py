@@ -180,20 +180,76 @@ def _check_pairs(teacher: list[torch.Tensor], student: list[torch.Tensor]) -> No
     }[problem])
 
 
-def ema_(teacher: Iterable[torch.Tensor], student: Iterable[torch.Tensor], momentum: float) -> None:
+# Wrappers that prefix parameter names: DistributedDataParallel / DataParallel ("module.") and torch.compile
+# ("_orig_mod."), possibly stacked.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _unwrapped_name(name: str) -> str:
+    while name.startswith(_WRAPPER_PREFIXES):
+        name = name.partition(".")[2]
+    return name
+
+
+def _split_names(name: str, items: list) -> tuple[list, list[str] | None]:
+    """The tensors of ``items``, and their names when ``items`` holds ``named_parameters()``-style pairs."""
+    if not items or not isinstance(items[0], tuple):
+        return items, None
+    for i, item in enumerate(items):
+        if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
+            raise TypeError(f"{name}[{i}] must be a (name, tensor) pair, as {name}[0] is; got {type(item).__name__}")
+    return [tensor for _, tensor in items], [n for n, _ in items]
+
+
+def _check_names(teacher_names: list[str], student_names: list[str]) -> None:
+    for i, (t, s) in enumerate(zip(teacher_names, student_names)):
+        if t != s and _unwrapped_name(t) != _unwrapped_name(s):
+            raise ValueError(f"teacher[{i}] is {t!r} but student[{i}] is {s!r}: the named lists do not pair the "
+                             "same parameters (names are compared without 'module.' / '_orig_mod.' prefixes)")
+
+
+def ema_(teacher: Iterable[torch.Tensor | tuple[str, torch.Tensor]],
+         student: Iterable[torch.Tensor | tuple[str, torch.Tensor]], momentum: float) -> None:
     """Teacher EMA in place: ``t <- momentum * t + (1 - momentum) * s`` for every pair of the two lists.
 
     Args:
-        teacher: tensors updated in place (fp32, fp16, bf16 or fp64), e.g. ``list(teacher.parameters())``.
-        student: tensors of the same shapes and strides, on the same device, any floating dtype.
+        teacher: tensors updated in place (fp32, fp16, bf16 or fp64): ``teacher.parameters()`` (a generator), a
+            list (e.g. filtered from ``named_parameters()``), a ``state_dict().values()`` selection, or
+            ``teacher.named_parameters()`` itself: with (name, tensor) pairs on both sides the names must agree,
+            ignoring the ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes, which catches lists that
+            zip would pair wrongly; pairs on one side only are taken for their tensors.
+        student: tensors of the same shapes and strides, on the same device, any floating dtype (a bf16 / fp16
+            student with an fp32 teacher is read in its dtype, no fp32 copy is made).
         momentum: in [0, 1]; 1 leaves the teacher unchanged, 0 copies the student.
 
-    Math is fp32 (fp64 for fp64 teachers). Runs without autograd, so ``nn.Parameter`` lists work as they are.
+    Math is fp32 (fp64 for fp64 teachers), rounded once to the teacher's dtype. Runs without autograd, so
+    ``nn.Parameter`` lists work as they are. Lists built once and reused skip the per-call list building.
+
+    The one-line swap in other training loops (the same maths; results differ only by rounding order, within
+    fp32 rounding):
+
+    - official DINO: ``for param_q, param_k in zip(student.parameters(), teacher.parameters()):
+      param_k.data.mul_(m).add_((1 - m) * param_q.detach().data)`` -> ``ema_(teacher.parameters(),
+      student.parameters(), m)``;
+    - DINOv2: ``torch._foreach_mul_(teacher_param_list, m); torch._foreach_add_(teacher_param_list,
+      student_param_list, alpha=1 - m)`` -> ``ema_(teacher_param_list, student_param_list, m)``;
+    - lightly: ``update_momentum(student, teacher, m)`` (student first) -> ``ema_(teacher.parameters(),
+      student.parameters(), m)``;
+    - timm ``ModelEmaV3``: ``model_ema.update(model, step)`` -> ``ema_(model_ema.module.parameters(),
+      model.parameters(), model_ema.get_decay(step))`` for a model without buffers (a ViT). With buffers, do what
+      ModelEmaV3 does with them too: by default it also averages the floating buffers (pass the floating
+      ``state_dict().values()`` of both instead of the parameters) and copies the others; with
+      ``exclude_buffers=True`` it copies every buffer (``for e, b in zip(model_ema.module.buffers(),
+      model.buffers()): e.copy_(b)``). Its bf16 EMA tensors get stochastic rounding, ours round to nearest: keep
+      the EMA in fp32 (``ModelEmaV3(model, dtype=torch.float32)``) for a bf16 / fp16 model.
     """
-    teacher, student = list(teacher), list(student)
+    teacher, teacher_names = _split_names("teacher", list(teacher))
+    student, student_names = _split_names("student", list(student))
     check_unit_interval("momentum", momentum)
     check_tensor_list("teacher", teacher)
     check_tensor_list("student", student)
+    if teacher_names is not None and student_names is not None:
+        _check_names(teacher_names, student_names)
     if not teacher and not student:
         return
     if not tracing(teacher[0] if teacher else student[0]):  # addresses and strides are known only at run time
