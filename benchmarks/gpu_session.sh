@@ -46,6 +46,11 @@ cd "$(dirname "$0")/.."
 
 dry_run=0
 [ "${1:-}" = "--dry-run" ] && dry_run=1
+# A follow-up run on the same day may narrow the session: DK_TESTS (parity: test paths, default tests/), DK_BENCHES
+# (bench: benchmark paths, default benchmarks/), DK_SKIP (phases left out: "smoke", "sanitize").
+tests=${DK_TESTS:-tests/}
+benches=${DK_BENCHES:-benchmarks/}
+skip=${DK_SKIP:-}
 py=${PYTHON:-python3}
 today=$(date +%F)
 if [ $dry_run = 1 ]; then
@@ -185,35 +190,41 @@ run_phase build 240 "^build: " build || { note "no extension: stopping"; exit 1;
 # ----------------------------------------------------------------------------------------------------- 3: parity
 if [ $dry_run = 1 ]; then
   # No CUDA tensors here: every test marked `cuda` skips, which proves they import and collect without a GPU.
-  run_phase parity 180 "passed|skipped|error" $py -m pytest -q -m cuda -p no:cacheprovider tests/
+  run_phase parity 180 "passed|skipped|error" $py -m pytest -q -m cuda -p no:cacheprovider $tests
 else
   run_phase parity 200 "passed|failed|error" \
-    $py -m pytest -q -m cuda -n 8 --timeout=120 -p no:cacheprovider -r fE tests/
+    $py -m pytest -q -m cuda -n 8 --timeout=120 -p no:cacheprovider -r fE $tests
 fi
 
 # ------------------------------------------------------------------------------------------------------ 4: bench
 if [ $dry_run = 1 ]; then
-  run_phase bench 240 "passed|failed|error" $py -m pytest benchmarks/ --benchmark-only -m session --dk-dry-run -q \
+  run_phase bench 240 "passed|failed|error" $py -m pytest $benches --benchmark-only -m session --dk-dry-run -q \
     -p no:cacheprovider --dk-results "$results"
 else
-  run_phase bench 270 "passed|failed|error" $py -m pytest benchmarks/ --benchmark-only -m session -q \
+  run_phase bench 270 "passed|failed|error" $py -m pytest $benches --benchmark-only -m session -q \
     -p no:cacheprovider --dk-results "$results"
 fi
 
 # ------------------------------------------------------------------------------------------------------ 5: smoke
-if [ $dry_run = 1 ]; then
-  smoke=(--preset cpu-tiny --steps 4 --num-workers 0)
+if [[ " $skip " == *" smoke "* ]]; then
+  skip_phase smoke "DK_SKIP"
 else
-  smoke=(--steps 100 --num-workers 8)
+  if [ $dry_run = 1 ]; then
+    smoke=(--preset cpu-tiny --steps 4 --num-workers 0)
+  else
+    smoke=(--steps 100 --num-workers 8)
+  fi
+  run_phase smoke 150 "max \|fused" $py -m benchmarks.train_smoke "${smoke[@]}" --out "$out/smoke.json"
+  grep -E '^\|' "$scratch/phase" > "$scratch/smoke"
+  grep -E 'img/s|max \|fused' "$scratch/phase" >> "$scratch/smoke"
+  write_summary
 fi
-run_phase smoke 150 "max \|fused" $py -m benchmarks.train_smoke "${smoke[@]}" --out "$out/smoke.json"
-grep -E '^\|' "$scratch/phase" > "$scratch/smoke"
-grep -E 'img/s|max \|fused' "$scratch/phase" >> "$scratch/smoke"
-write_summary
 
 # --------------------------------------------------------------------------------------------------- 6: sanitize
 sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
-if [ $dry_run = 1 ]; then
+if [[ " $skip " == *" sanitize "* ]]; then
+  skip_phase sanitize "DK_SKIP"
+elif [ $dry_run = 1 ]; then
   skip_phase "sanitize (memcheck, racecheck)" "no GPU"
   run_phase "kernel cases (cpu)" 120 "kernel cases:" $py -m benchmarks.kernel_cases --device cpu
 elif [ -z "$sanitizer" ]; then
