@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -29,7 +30,7 @@ def cu_seqlens_for(shapes: tuple[tuple[int, int], ...], device: torch.device) ->
     device); shared by :func:`pack` and the multi-crop :func:`~dino_kernels.drop_add_residual`, which packs its kept
     crops the same way."""
     lengths = [n for b, n in shapes for _ in range(b)]
-    bounds = [0, *torch.tensor(lengths, dtype=torch.int64).cumsum(0).tolist()]
+    bounds = [0, *itertools.accumulate(lengths)]  # on the host: no tensor round trip (a graph break under dynamo)
     return torch.tensor(bounds, dtype=torch.int32).to(device), max(n for _, n in shapes)
 
 
