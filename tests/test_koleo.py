@@ -389,7 +389,10 @@ def test_cuda_matches_float64_reference(dtype, batch, dim):
         copies = torch.tensor([5, batch // 2, batch - 1] if batch >= 37 else [], dtype=torch.long)
         others = torch.ones(batch, dtype=torch.bool)
         others[copies] = False
-        _assert_matches((loss, grad[others]), (pinned_loss, pinned_grad[others]), TOLERANCE[dtype])
+        # Large fp16 batches have gradients of ~1e-6, subnormal in fp16, where rounding the exact value alone costs
+        # up to ~1e-2: flash-attn's rule, at most twice the error of the float64 gradient rounded to the dtype.
+        rounding = rel_error(pinned_grad[others].to(dtype), pinned_grad[others])
+        _assert_matches((loss, grad[others]), (pinned_loss, pinned_grad[others]), max(TOLERANCE[dtype], 2 * rounding))
         # The copies' rows carry terms of ~1 / ‖1e-8‖: they cancel for the pair that are each other's neighbours
         # (to 0 in float64, to a residue of fp32 rounding of those terms in ours) and stay for the third copy,
         # which in fp16 can be past the largest finite value: there ours must be the rounded float64 value, ±inf.
