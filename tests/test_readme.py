@@ -1,4 +1,5 @@
-"""The README's public API table matches the code: every signature written there is the real one.
+"""The README's public API table matches the code (every signature written there is the real one), and the code
+snippets of "Use in your own training code" run as they stand.
 
 Each first-column cell of the table holds one or more code spans such as ``dino_loss(student_logits, ..., *,
 n_global_crops=2)``; each is parsed as a Python parameter list and compared with ``inspect.signature`` of the
@@ -14,6 +15,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 import dino_kernels
 
@@ -58,3 +60,22 @@ def test_the_table_lists_every_public_op():
 def test_readme_signature_matches_code(name, params):
     assert hasattr(dino_kernels, name), f"README documents dino_kernels.{name}, which does not exist"
     assert _written(params) == _actual(getattr(dino_kernels, name)), f"README's {name}({params})"
+
+
+def _adoption_snippets() -> list[str]:
+    section = README.read_text().split("\n## Use in your own training code", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, re.DOTALL)
+
+
+SNIPPETS = _adoption_snippets()
+
+
+def test_the_adoption_section_has_its_snippets():
+    # A DINO v1 fork, a lightly pipeline, a timm backbone, DINOv2's import line.
+    assert len(SNIPPETS) == 4, f"expected 4 Python blocks in 'Use in your own training code', found {len(SNIPPETS)}"
+
+
+@pytest.mark.parametrize("code", SNIPPETS, ids=[f"snippet{i}" for i in range(len(SNIPPETS))])
+def test_adoption_snippet_runs(code):
+    torch.manual_seed(0)
+    exec(compile(code, "README.md snippet", "exec"), {"__name__": "__main__"})
