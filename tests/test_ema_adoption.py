@@ -15,7 +15,6 @@ import dino_kernels
 from dino_kernels import ema_
 
 timm_utils = pytest.importorskip("timm.utils")
-lightly_utils = pytest.importorskip("lightly.models.utils")
 
 SWAP_TOLERANCE = 1e-6  # fp32, relative: the same maths in another rounding order
 MOMENTA = (0.9, 0.996, 0.5)
@@ -88,6 +87,7 @@ def test_dinov2_foreach_pair(backend, device):
 def test_lightly_update_momentum(device):
     """lightly: ``update_momentum(student, teacher, m)`` (student first) -> ``ema_(teacher.parameters(),
     student.parameters(), m)``."""
+    lightly_utils = pytest.importorskip("lightly.models.utils")  # a test dependency; not on the GPU image
     student = _model(device)
     ours, theirs = _twin_teachers(student)
     for m in MOMENTA:
