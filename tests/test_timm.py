@@ -242,6 +242,29 @@ def test_unsupported_models_are_refused_at_enable(build, error, match):
         dk_timm.forward_crops(model, _crops())
 
 
+# timm's registered models that DINO users load (DINO's ViT-S/16, DINOv2's with registers, DeiT with its
+# distillation token, CLIP's ViT-B/16 with its pre-norm, a global-pool model with registers), random weights.
+NAMED_MODELS = ["vit_small_patch16_224", "vit_small_patch14_reg4_dinov2", "deit_small_distilled_patch16_224",
+                "vit_base_patch16_clip_224", "vit_little_patch16_reg4_gap_256"]
+
+
+@pytest.mark.parametrize("name", NAMED_MODELS)
+def test_named_timm_models(name):
+    torch.manual_seed(0)
+    model = dk_timm.enable(timm.create_model(name, pretrained=False, dynamic_img_size=True, num_classes=0).eval())
+    patch = model.patch_embed.patch_size[0]
+    crops = [torch.randn(2, 3, 4 * patch, 4 * patch), torch.randn(3, 3, 2 * patch, 3 * patch)]
+    with torch.no_grad():
+        for ours, crop in zip(model.forward_crops(crops), crops):
+            assert rel_error(ours, model.forward_features(crop)) <= TOLERANCE[torch.float32]
+
+
+def test_eva_models_are_refused():
+    model = timm.create_model("vit_small_patch16_rope_224", pretrained=False, dynamic_img_size=True, num_classes=0)
+    with pytest.raises(TypeError, match="model must be a timm VisionTransformer; got Eva"):
+        dk_timm.enable(model)
+
+
 def _fixed_cotangent(t: torch.Tensor) -> torch.Tensor:
     return torch.arange(t.numel(), dtype=t.dtype).sin().view(t.shape)
 
