@@ -41,6 +41,13 @@ def check_tensor_list(name: str, tensors: list) -> None:
         check_tensor(f"{name}[{i}]", x)
 
 
+def check_int(name: str, value: object) -> int:
+    """A Python int (not a bool)."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return value
+
+
 def check_float(name: str, value: object) -> float:
     """A Python int or float (not a bool), returned as a float."""
     if not isinstance(value, (int, float)) or isinstance(value, bool):

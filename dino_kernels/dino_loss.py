@@ -44,6 +44,7 @@ from dino_kernels._op import KernelOp, tracing
 from dino_kernels._validation import (
     FLOAT_DTYPES,
     check_floating,
+    check_int,
     check_ndim,
     check_positive,
     check_same_device,
@@ -496,8 +497,7 @@ def _check_inputs(student: torch.Tensor, teacher: torch.Tensor, center: torch.Te
     check_same_device(student_logits=student, teacher_logits=teacher, center=center)
     check_ndim("student_logits", student, 2, "(n_crops * B, K)")
     check_ndim("teacher_logits", teacher, 2, "(n_global_crops * B, K)")
-    if not isinstance(n_global_crops, int) or isinstance(n_global_crops, bool):
-        raise TypeError(f"n_global_crops must be an int, got {type(n_global_crops).__name__}")
+    check_int("n_global_crops", n_global_crops)
     if n_global_crops < 1:
         raise ValueError(f"n_global_crops must be >= 1; got {n_global_crops}")
     check_positive("student_temp", student_temp)
@@ -639,8 +639,7 @@ class DINOLoss(nn.Module):
         integers = {"out_dim": out_dim, "n_global_crops": n_global_crops, "n_local_crops": n_local_crops,
                     "warmup_teacher_temp_epochs": warmup_teacher_temp_epochs, "n_epochs": n_epochs}
         for name, value in integers.items():
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+            check_int(name, value)
         if out_dim < 1 or n_global_crops < 1 or n_local_crops < 0 or n_global_crops + n_local_crops < 2:
             raise ValueError(f"need out_dim >= 1, n_global_crops >= 1, n_local_crops >= 0 and at least 2 crops; got "
                              f"out_dim={out_dim}, n_global_crops={n_global_crops}, n_local_crops={n_local_crops}")
@@ -663,8 +662,7 @@ class DINOLoss(nn.Module):
                 return_stats: bool = False) -> torch.Tensor | tuple[torch.Tensor, DINOLossStats]:
         """Loss of (n_crops·B, K) student and (n_global_crops·B, K) teacher logits at ``epoch``; then the center
         update. ``return_stats`` also returns the :class:`DINOLossStats` of the batch."""
-        if not isinstance(epoch, int) or isinstance(epoch, bool):
-            raise TypeError(f"epoch must be an int, got {type(epoch).__name__}")
+        check_int("epoch", epoch)
         if not 0 <= epoch < len(self.teacher_temp_schedule):
             raise ValueError(f"epoch must be in [0, {len(self.teacher_temp_schedule)}); got {epoch}")
         check_tensor("student_output", student_output)

@@ -39,7 +39,7 @@ from dino_kernels._backend import TRITON_DTYPES, accumulation_dtype, get_backend
 from dino_kernels._extension import ops
 from dino_kernels._launch import TritonKernel
 from dino_kernels._op import KernelOp
-from dino_kernels._validation import FLOAT_DTYPES, check_floating, check_ndim, check_positive
+from dino_kernels._validation import FLOAT_DTYPES, check_floating, check_int, check_ndim, check_positive
 
 
 # ---------------------------------------------------------------------------------------------- Triton kernels
@@ -304,9 +304,7 @@ _sinkhorn_knopp_targets_op = KernelOp("sinkhorn_knopp_targets", _sinkhorn_knopp_
 # ------------------------------------------------------------------------------------------------- public API
 def check_count(name: str, value: int) -> None:
     """An int (not a bool) >= 1, such as an iteration count (also checks the losses' ``sk_iterations``)."""
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
+    if check_int(name, value) < 1:
         raise ValueError(f"{name} must be >= 1; got {value}")
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dino_kernels._validation import check_tensor
+from dino_kernels._validation import check_int, check_tensor
 from dino_kernels.dino_loss import DINOLoss as FusedDINOLoss
 from dino_kernels.dino_loss import update_center_
 
@@ -38,9 +38,7 @@ class DINOLoss(FusedDINOLoss):
     def __init__(self, out_dim: int, ncrops: int, warmup_teacher_temp: float, teacher_temp: float,
                  warmup_teacher_temp_epochs: int, nepochs: int, student_temp: float = 0.1,
                  center_momentum: float = 0.9) -> None:
-        if not isinstance(ncrops, int) or isinstance(ncrops, bool):
-            raise TypeError(f"ncrops must be an int, got {type(ncrops).__name__}")
-        if ncrops < 2:
+        if check_int("ncrops", ncrops) < 2:
             raise ValueError(f"ncrops must be >= 2 (the 2 global crops, then the local crops); got {ncrops}")
         super().__init__(out_dim, 2, ncrops - 2, warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs,
                          nepochs, student_temp, center_momentum)

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from dino_kernels._validation import check_ndim, check_positive, check_tensor, check_unit_interval
+from dino_kernels._validation import check_int, check_ndim, check_positive, check_tensor, check_unit_interval
 from dino_kernels.dino_loss import dino_loss, update_center_
 
 CENTER_MODES = ("mean",)  # lightly 1.6's modes (lightly.models.modules.center.CENTER_MODE_TO_FUNCTION)
@@ -51,9 +51,8 @@ class DINOLoss(nn.Module):
                  warmup_teacher_temp_epochs: int = 30, student_temp: float = 0.1, center_momentum: float = 0.9,
                  center_mode: str = "mean") -> None:
         super().__init__()
-        for name, value in (("output_dim", output_dim), ("warmup_teacher_temp_epochs", warmup_teacher_temp_epochs)):
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        check_int("output_dim", output_dim)
+        check_int("warmup_teacher_temp_epochs", warmup_teacher_temp_epochs)
         if output_dim < 1 or warmup_teacher_temp_epochs < 0:
             raise ValueError(f"need output_dim >= 1 and warmup_teacher_temp_epochs >= 0; got output_dim={output_dim}, "
                              f"warmup_teacher_temp_epochs={warmup_teacher_temp_epochs}")
@@ -76,9 +75,7 @@ class DINOLoss(nn.Module):
             check_positive("teacher_temp", teacher_temp)
             return _fp32(teacher_temp)
         if epoch is not None:
-            if not isinstance(epoch, int) or isinstance(epoch, bool):
-                raise TypeError(f"epoch must be an int, got {type(epoch).__name__}")
-            if epoch < 0:
+            if check_int("epoch", epoch) < 0:
                 raise ValueError(f"epoch must be >= 0; got {epoch}")
             if epoch < self.warmup_teacher_temp_epochs:
                 return float(self.teacher_temp_schedule[epoch])  # fp32 values already
