@@ -25,7 +25,8 @@ CASES = {
     "vit-b16": ((12, 64, 64, ((2, 197), (10, 37))), "cuda"),
     "vit-l14": ((16, 64, 32, ((2, 257), (8, 50))), "cuda"),
     "vit-s16 2 images": ((6, 64, 2, ((2, 197), (10, 37))), "cpu"),
-    "cpu-tiny": ((4, 32, 64, ((2, 10), (6, 5))), "cpu"),  # the trainer's CPU preset: 12 and 8 px crops, 4 px patches
+    # The trainer's CPU preset: width 192 in 6 heads, 8 and 4 px crops of 4 px patches (CLS + 4 and CLS + 1 tokens).
+    "cpu-tiny": ((6, 32, 64, ((2, 5), (6, 2))), "cpu"),
 }
 DRY_RUN_SHAPE = (2, 16, 1, ((2, 17), (4, 5)))
 MODES = ("fwd", "fwd+bwd")

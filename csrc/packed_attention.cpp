@@ -16,6 +16,11 @@
 // (P^T and dS^T are transposed into scratch, and dK is scaled once at the end). Nothing of size (n, n) is
 // materialised.
 //
+// Sequences of at most kShortSeq tokens (DINO's small crops at coarse patches: 2 to 10 tokens) skip all that: the
+// copies, transposes and 16-column padding would cost more than their n^2 products. They go through
+// forward_short / backward_short instead, which read the rows in place, keep a sequence's scores (n x n) on the
+// stack and vectorise over the head dim; a task there is a chunk of consecutive short sequences, all heads.
+//
 // Tasks are handed out longest sequence first from a shared counter, so the few long global crops start at once
 // and the many short local crops fill in behind them, whatever the thread count.
 #include <ATen/ATen.h>
@@ -49,6 +54,11 @@ constexpr int kRows = 4;
 // Columns of a micro-kernel tile: one AVX-512 register of fp32 (two of AVX2). Scratch rows are zero-padded to a
 // multiple of it, so the innermost loops have a fixed trip count and no tail.
 constexpr int64_t kCols = 16;
+
+// Longest sequence of the short path, and the tokens its tasks gather (consecutive short sequences, all heads), so
+// that a task is long enough for the shared counter's cost not to matter.
+constexpr int64_t kShortSeq = 16;
+constexpr int64_t kShortChunkTokens = 128;
 
 inline int64_t round_up(int64_t x) { return (x + kCols - 1) / kCols * kCols; }
 
@@ -283,9 +293,170 @@ DK_VECTOR_CLONES void backward_task(const at::Tensor& grad_out, const at::Tensor
   }
 }
 
-// The non-empty sequences as (start, length), longest first, from cu_seqlens (checked: 0 first, T last,
-// non-decreasing).
-std::vector<std::pair<int64_t, int64_t>> sequences_longest_first(const at::Tensor& cu_seqlens, int64_t total) {
+// A (T, H, D) tensor with a contiguous last dim (or lse (H, T), as token and head strides) as a raw pointer and
+// strides, taken once per call: a tensor accessor per short sequence would cost as much as its arithmetic.
+template <typename T>
+struct HeadView {
+  T* data;
+  int64_t token_stride, head_stride;
+  T* row(int64_t token, int64_t head) const { return data + token * token_stride + head * head_stride; }
+};
+
+template <typename T>
+HeadView<T> head_view(const at::Tensor& t) {
+  return {static_cast<T*>(t.data_ptr()), t.stride(0), t.stride(1)};
+}
+
+template <typename acc_t>
+HeadView<acc_t> lse_view(const at::Tensor& lse) {
+  return {static_cast<acc_t*>(lse.data_ptr()), lse.stride(1), lse.stride(0)};
+}
+
+// Everything the short path reads and writes. `out` is the forward's output or the backward's dQ; grad_out, dk and
+// dv are the backward's.
+template <typename T, typename acc_t>
+struct ShortOperands {
+  HeadView<const T> q, k, v, grad_out;
+  HeadView<T> out, dk, dv;
+  HeadView<acc_t> lse;
+  int64_t heads, dims;
+  acc_t scale;
+};
+
+// sum_d a[d] * b[d] in the accumulation type, over two rows read in place.
+template <typename T, typename acc_t>
+DK_INLINE acc_t dot(const T* a, const T* b, int64_t dims) {
+  acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t d = 0; d < dims; ++d) sum += static_cast<acc_t>(a[d]) * static_cast<acc_t>(b[d]);
+  return sum;
+}
+
+// acc (dims) += weight * row (dims).
+template <typename T, typename acc_t>
+DK_INLINE void add_scaled(acc_t* acc, acc_t weight, const T* row, int64_t dims) {
+#pragma omp simd
+  for (int64_t d = 0; d < dims; ++d) acc[d] += weight * static_cast<acc_t>(row[d]);
+}
+
+// The forward of one short sequence (n <= kShortSeq tokens from `start`), every head, with the maths of
+// forward_task: per query row, scores s_j = q . k_j, m = max_j s_j, p_j = exp((s_j - m) scale), out = (sum_j p_j
+// v_j) / sum_j p_j, LSE = m scale + log sum_j p_j. kDims > 0 is the head dim known at compile time (the loops over
+// it unroll and the output row stays in registers); 0 reads it from `a`, with the output row in scratch (dims).
+template <int kDims, typename T, typename acc_t>
+DK_INLINE void forward_short_dims(const ShortOperands<T, acc_t>& a, int64_t start, int64_t n, acc_t* scratch) {
+  const int64_t dims = kDims > 0 ? kDims : a.dims;
+  acc_t local[kDims > 0 ? kDims : 1];
+  acc_t* o = kDims > 0 ? local : scratch;
+  acc_t p[kShortSeq];
+  for (int64_t head = 0; head < a.heads; ++head) {
+    for (int64_t i = 0; i < n; ++i) {
+      const T* q_i = a.q.row(start + i, head);
+      acc_t m = -std::numeric_limits<acc_t>::infinity();
+      for (int64_t j = 0; j < n; ++j) {
+        p[j] = dot<T, acc_t>(q_i, a.k.row(start + j, head), dims);
+        m = std::max(m, p[j]);
+      }
+      acc_t sum = 0;
+      for (int64_t j = 0; j < n; ++j) {
+        p[j] = exp_acc((p[j] - m) * a.scale);
+        sum += p[j];
+      }
+      std::fill(o, o + dims, acc_t(0));
+      for (int64_t j = 0; j < n; ++j) add_scaled(o, p[j], a.v.row(start + j, head), dims);
+      const acc_t inv_sum = acc_t(1) / sum;
+      T* out_i = a.out.row(start + i, head);
+#pragma omp simd
+      for (int64_t d = 0; d < dims; ++d) out_i[d] = static_cast<T>(o[d] * inv_sum);
+      *a.lse.row(start + i, head) = m * a.scale + std::log(sum);
+    }
+  }
+}
+
+// The backward of one short sequence, every head, with the maths of backward_task: P from the saved LSE and
+// renormalised, dP_ij = dO_i . v_j, delta_i = sum_j P_ij dP_ij, dS = P * (dP - delta), then dQ_i = scale sum_j dS_ij
+// k_j, dK_j = scale sum_i dS_ij q_i, dV_j = sum_i P_ij dO_i. kDims as in forward_short_dims; 0 needs 2 * dims of
+// scratch.
+template <int kDims, typename T, typename acc_t>
+DK_INLINE void backward_short_dims(const ShortOperands<T, acc_t>& a, int64_t start, int64_t n, acc_t* scratch) {
+  const int64_t dims = kDims > 0 ? kDims : a.dims;
+  acc_t local[kDims > 0 ? 2 * kDims : 1];
+  acc_t* acc_a = kDims > 0 ? local : scratch;
+  acc_t* acc_b = acc_a + dims;
+  acc_t p[kShortSeq][kShortSeq], ds[kShortSeq][kShortSeq];
+  for (int64_t head = 0; head < a.heads; ++head) {
+    for (int64_t i = 0; i < n; ++i) {
+      const T* q_i = a.q.row(start + i, head);
+      const T* do_i = a.grad_out.row(start + i, head);
+      const acc_t lse_i = *a.lse.row(start + i, head);
+      acc_t sum = 0;
+      for (int64_t j = 0; j < n; ++j) {
+        p[i][j] = exp_acc(dot<T, acc_t>(q_i, a.k.row(start + j, head), dims) * a.scale - lse_i);
+        sum += p[i][j];
+      }
+      const acc_t inv_sum = acc_t(1) / sum;
+      acc_t delta = 0;
+      for (int64_t j = 0; j < n; ++j) {
+        p[i][j] *= inv_sum;
+        ds[i][j] = dot<T, acc_t>(do_i, a.v.row(start + j, head), dims);
+        delta += p[i][j] * ds[i][j];
+      }
+      for (int64_t j = 0; j < n; ++j) ds[i][j] = p[i][j] * (ds[i][j] - delta);
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      std::fill(acc_a, acc_a + dims, acc_t(0));
+      for (int64_t j = 0; j < n; ++j) add_scaled(acc_a, ds[i][j], a.k.row(start + j, head), dims);
+      T* dq_i = a.out.row(start + i, head);
+#pragma omp simd
+      for (int64_t d = 0; d < dims; ++d) dq_i[d] = static_cast<T>(acc_a[d] * a.scale);
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      std::fill(acc_a, acc_a + 2 * dims, acc_t(0));  // dK_j and dV_j
+      for (int64_t i = 0; i < n; ++i) {
+        add_scaled(acc_a, ds[i][j], a.q.row(start + i, head), dims);
+        add_scaled(acc_b, p[i][j], a.grad_out.row(start + i, head), dims);
+      }
+      T* dk_j = a.dk.row(start + j, head);
+      T* dv_j = a.dv.row(start + j, head);
+#pragma omp simd
+      for (int64_t d = 0; d < dims; ++d) {
+        dk_j[d] = static_cast<T>(acc_a[d] * a.scale);
+        dv_j[d] = static_cast<T>(acc_b[d]);
+      }
+    }
+  }
+}
+
+// The short path's entry points, one per instruction-set clone: DINO's head dims 32 and 64 compiled for their size.
+template <typename T, typename acc_t>
+DK_VECTOR_CLONES void forward_short(const ShortOperands<T, acc_t>& a, int64_t start, int64_t n, acc_t* scratch) {
+  switch (a.dims) {
+    case 32: forward_short_dims<32>(a, start, n, scratch); break;
+    case 64: forward_short_dims<64>(a, start, n, scratch); break;
+    default: forward_short_dims<0>(a, start, n, scratch);
+  }
+}
+
+template <typename T, typename acc_t>
+DK_VECTOR_CLONES void backward_short(const ShortOperands<T, acc_t>& a, int64_t start, int64_t n, acc_t* scratch) {
+  switch (a.dims) {
+    case 32: backward_short_dims<32>(a, start, n, scratch); break;
+    case 64: backward_short_dims<64>(a, start, n, scratch); break;
+    default: backward_short_dims<0>(a, start, n, scratch);
+  }
+}
+
+// The tasks of one call, from cu_seqlens (checked: 0 first, T last, non-decreasing): the non-empty sequences longer
+// than kShortSeq as (start, length), longest first, a task per (sequence, head); the short ones in order, cut into
+// chunks of about kShortChunkTokens tokens, a task per chunk (chunk c is short_seqs[chunk_starts[c]:chunk_starts[c +
+// 1]]).
+struct Plan {
+  std::vector<std::pair<int64_t, int64_t>> long_seqs;
+  std::vector<std::pair<int64_t, int64_t>> short_seqs;
+  std::vector<int64_t> chunk_starts;
+};
+
+Plan plan_tasks(const at::Tensor& cu_seqlens, int64_t total) {
   TORCH_CHECK(cu_seqlens.device().is_cpu() && cu_seqlens.scalar_type() == at::kInt && cu_seqlens.dim() == 1 &&
                   cu_seqlens.numel() >= 1,
               "packed_attention_cpu: cu_seqlens must be a 1-d int32 CPU tensor");
@@ -293,29 +464,51 @@ std::vector<std::pair<int64_t, int64_t>> sequences_longest_first(const at::Tenso
   const int32_t* bounds = bounds_tensor.const_data_ptr<int32_t>();
   const int64_t n_seqs = cu_seqlens.numel() - 1;
   TORCH_CHECK(bounds[0] == 0 && bounds[n_seqs] == total, "packed_attention_cpu: cu_seqlens must run from 0 to T");
-  std::vector<std::pair<int64_t, int64_t>> seqs;
+  Plan plan;
+  int64_t chunk_tokens = 0;
   for (int64_t i = 0; i < n_seqs; ++i) {
     TORCH_CHECK(bounds[i] <= bounds[i + 1], "packed_attention_cpu: cu_seqlens must be non-decreasing");
-    if (bounds[i + 1] > bounds[i]) seqs.emplace_back(bounds[i], bounds[i + 1] - bounds[i]);
+    const int64_t n = bounds[i + 1] - bounds[i];
+    if (n > kShortSeq) {
+      plan.long_seqs.emplace_back(bounds[i], n);
+    } else if (n > 0) {
+      if (chunk_tokens == 0) plan.chunk_starts.push_back(static_cast<int64_t>(plan.short_seqs.size()));
+      plan.short_seqs.emplace_back(bounds[i], n);
+      chunk_tokens += n;
+      if (chunk_tokens >= kShortChunkTokens) chunk_tokens = 0;
+    }
   }
-  std::stable_sort(seqs.begin(), seqs.end(), [](const auto& a, const auto& b) { return a.second > b.second; });
-  return seqs;
+  plan.chunk_starts.push_back(static_cast<int64_t>(plan.short_seqs.size()));
+  std::stable_sort(plan.long_seqs.begin(), plan.long_seqs.end(),
+                   [](const auto& a, const auto& b) { return a.second > b.second; });
+  return plan;
 }
 
-// Runs task(start, n, head, scratch) for every (non-empty sequence, head): one parallel region whose threads take
-// tasks from a shared counter (longest sequences first), each with its own scratch of scratch_size(n_max) elements.
-template <typename acc_t, typename Task, typename ScratchSize>
-void for_each_task(const std::vector<std::pair<int64_t, int64_t>>& seqs, int64_t heads, const ScratchSize& size,
-                   const Task& task) {
-  const int64_t n_tasks = static_cast<int64_t>(seqs.size()) * heads;
+// Runs long_task(start, n, head, scratch) for every (long sequence, head) and short_task(start, n, scratch) for every
+// short sequence: one parallel region whose threads take tasks from a shared counter (long sequences first, longest
+// first, then the chunks of short ones), each with its own scratch: long_scratch(longest n) elements, at least
+// short_scratch.
+template <typename acc_t, typename LongTask, typename ShortTask, typename ScratchSize>
+void for_each_task(const Plan& plan, int64_t heads, const ScratchSize& long_scratch, int64_t short_scratch,
+                   const LongTask& long_task, const ShortTask& short_task) {
+  const int64_t n_long = static_cast<int64_t>(plan.long_seqs.size()) * heads;
+  const int64_t n_tasks = n_long + static_cast<int64_t>(plan.chunk_starts.size()) - 1;
   if (n_tasks == 0) return;
-  const int64_t scratch_size = size(seqs.front().second);
+  const int64_t scratch_size =
+      std::max(short_scratch, plan.long_seqs.empty() ? int64_t(0) : long_scratch(plan.long_seqs.front().second));
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), n_tasks), 1, [&](int64_t, int64_t) {
     std::vector<acc_t> scratch(static_cast<size_t>(scratch_size));
     for (int64_t t = next++; t < n_tasks; t = next++) {
-      const auto& [start, n] = seqs[t / heads];
-      task(start, n, t % heads, scratch.data());
+      if (t < n_long) {
+        const auto& [start, n] = plan.long_seqs[t / heads];
+        long_task(start, n, t % heads, scratch.data());
+        continue;
+      }
+      const int64_t chunk = t - n_long;
+      for (int64_t i = plan.chunk_starts[chunk]; i < plan.chunk_starts[chunk + 1]; ++i) {
+        short_task(plan.short_seqs[i].first, plan.short_seqs[i].second, scratch.data());
+      }
     }
   });
 }
@@ -340,15 +533,23 @@ std::tuple<at::Tensor, at::Tensor> packed_attention_fwd_cpu(const at::Tensor& q,
                                                             double scale) {
   check_inputs("packed_attention_fwd_cpu", {&q, &k, &v});
   const int64_t total = q.size(0), heads = q.size(1), dims = q.size(2);
-  const auto seqs = sequences_longest_first(cu_seqlens, total);
+  const Plan plan = plan_tasks(cu_seqlens, total);
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({heads, total}, q.options().dtype(lse_type(q.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "packed_attention_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const acc_t scale_acc = static_cast<acc_t>(scale);
+    const ShortOperands<scalar_t, acc_t> operands{head_view<const scalar_t>(q), head_view<const scalar_t>(k),
+                                                  head_view<const scalar_t>(v), {},
+                                                  head_view<scalar_t>(out), {}, {},
+                                                  lse_view<acc_t>(lse), heads, dims, scale_acc};
     for_each_task<acc_t>(
-        seqs, heads, [&](int64_t n) { return forward_scratch(n, dims); },
+        plan, heads, [&](int64_t n) { return forward_scratch(n, dims); }, dims,
         [&](int64_t start, int64_t n, int64_t head, acc_t* scratch) {
-          forward_task<scalar_t, acc_t>(q, k, v, out, lse, start, n, head, static_cast<acc_t>(scale), scratch);
+          forward_task<scalar_t, acc_t>(q, k, v, out, lse, start, n, head, scale_acc, scratch);
+        },
+        [&](int64_t start, int64_t n, acc_t* scratch) {
+          forward_short<scalar_t, acc_t>(operands, start, n, scratch);
         });
   });
   return {out, lse};
@@ -363,17 +564,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> packed_attention_bwd_cpu(
   TORCH_CHECK(lse.device().is_cpu() && lse.dim() == 2 && lse.size(0) == heads && lse.size(1) == total &&
                   lse.scalar_type() == lse_type(q.scalar_type()),
               "packed_attention_bwd_cpu: lse must be (H, T), float32 (float64 for float64 inputs)");
-  const auto seqs = sequences_longest_first(cu_seqlens, total);
+  const Plan plan = plan_tasks(cu_seqlens, total);
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(q.sizes(), q.options());
   at::Tensor dv = at::empty(q.sizes(), q.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "packed_attention_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const acc_t scale_acc = static_cast<acc_t>(scale);
+    const ShortOperands<scalar_t, acc_t> operands{head_view<const scalar_t>(q), head_view<const scalar_t>(k),
+                                                  head_view<const scalar_t>(v), head_view<const scalar_t>(grad_out),
+                                                  head_view<scalar_t>(dq), head_view<scalar_t>(dk),
+                                                  head_view<scalar_t>(dv), lse_view<acc_t>(lse), heads, dims,
+                                                  scale_acc};
     for_each_task<acc_t>(
-        seqs, heads, [&](int64_t n) { return backward_scratch(n, dims); },
+        plan, heads, [&](int64_t n) { return backward_scratch(n, dims); }, 2 * dims,
         [&](int64_t start, int64_t n, int64_t head, acc_t* scratch) {
-          backward_task<scalar_t, acc_t>(grad_out, q, k, v, lse, dq, dk, dv, start, n, head,
-                                         static_cast<acc_t>(scale), scratch);
+          backward_task<scalar_t, acc_t>(grad_out, q, k, v, lse, dq, dk, dv, start, n, head, scale_acc, scratch);
+        },
+        [&](int64_t start, int64_t n, acc_t* scratch) {
+          backward_short<scalar_t, acc_t>(operands, start, n, scratch);
         });
   });
   return {dq, dk, dv};

@@ -6,9 +6,11 @@ LayerScale, pre-norm blocks (LayerNorm eps 1e-6, qkv bias, GELU MLP), stochastic
 
 All crop groups of a step go through the blocks in one call: every residual branch runs once on the packed tokens of
 all crops (``dino_kernels.drop_add_residual``, multi-crop form, which also skips the samples stochastic depth drops)
-and attention is ``dino_kernels.packed_attention`` over one sequence per crop. With ``--kernels reference``
-:func:`build_model` builds the blocks with plain-PyTorch attention instead (``packed_attention=False``): one
-``scaled_dot_product_attention`` call per crop group, as DINO v1/v3 do; the trainer then also runs the other ops
+and attention is ``dino_kernels.packed_attention`` over one sequence per crop. The patch embedding is one GEMM on CPU,
+and since ``forward`` returns the CLS features only, its last block runs the queries, the projection and the MLP on the
+CLS rows alone (exact: the other tokens' outputs are never read). With ``--kernels reference`` :func:`build_model`
+builds the plain-PyTorch model instead (``fused=False``): one ``scaled_dot_product_attention`` call per crop group,
+the convolution, and every token through every block, as DINO v1/v3 do; the trainer then also runs the other ops
 under the ``reference`` backend. The choice is made once, at construction: ``forward`` consults no global switch.
 """
 
@@ -77,15 +79,17 @@ class Attention(nn.Module):
         qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, -1))
         return qkv.unbind(-3)
 
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+               groups: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """q, k, v (T, H, D/H) of the crop groups ``groups`` ((count, tokens) each) -> (T, H, D/H)."""
+        if self.packed:
+            return dino_kernels.packed_attention(q, k, v, cu_seqlens, max_seqlen)
+        return per_group_attention(q, k, v, groups)
+
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
                 groups: Sequence[tuple[int, int]]) -> torch.Tensor:
-        """(T, D) packed tokens of the crop groups ``groups`` ((count, tokens) each) -> (T, D)."""
-        q, k, v = self.qkv_heads(x)
-        if self.packed:
-            out = dino_kernels.packed_attention(q, k, v, cu_seqlens, max_seqlen)
-        else:
-            out = per_group_attention(q, k, v, groups)
-        return self.proj(out.flatten(-2))
+        """(T, D) packed tokens of the crop groups ``groups`` -> (T, D)."""
+        return self.proj(self.attend(*self.qkv_heads(x), cu_seqlens, max_seqlen, groups).flatten(-2))
 
     def cls_attention(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, D) -> (B, H, N) softmax attention of the CLS query (token 0) over all tokens."""
@@ -123,29 +127,52 @@ class Block(nn.Module):
                      groups: Sequence[tuple[int, int]]) -> torch.Tensor:
         return self.attn(self.norm1(x), cu_seqlens, max_seqlen, groups)
 
+    def _cls_attn_branch(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                         groups: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """The attention branch where only the CLS rows of its output are read: keys and values of every token,
+        queries and the projection of the CLS rows only; zeros in the other rows (queries and output)."""
+        x = self.norm1(x)
+        dim, heads = x.shape[-1], self.attn.num_heads
+        cls_rows = cu_seqlens[:-1].long()  # every packed sequence starts with its CLS token
+        weight, bias = self.attn.qkv.weight, self.attn.qkv.bias  # rows: q, k, v
+        k, v = F.linear(x, weight[dim:], bias[dim:]).unflatten(-1, (2, heads, -1)).unbind(-3)
+        q_cls = F.linear(x.index_select(0, cls_rows), weight[:dim], bias[:dim]).unflatten(-1, (heads, -1))
+        q = k.new_zeros(k.shape).index_copy_(0, cls_rows, q_cls)
+        out = self.attn.attend(q, k, v, cu_seqlens, max_seqlen, groups).index_select(0, cls_rows)
+        return x.new_zeros(x.shape).index_copy_(0, cls_rows, self.attn.proj(out.flatten(-2)))
+
     def _mlp_branch(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
         return self.mlp(self.norm2(x))
 
-    def forward(self, xs: list[torch.Tensor], generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    def forward(self, xs: list[torch.Tensor], generator: torch.Generator | None = None,
+                cls_only: bool = False) -> list[torch.Tensor]:
+        """Crop groups (B_i, N_i, D) -> the block's output, the same shapes; with ``cls_only`` only its CLS tokens
+        (B_i, 1, D), for a last block whose patch tokens nothing reads: the same values (and random draws), with the
+        queries, the projection and the MLP run on the CLS rows alone."""
         rate = self.drop_path if self.training else 0.0
         # The crop groups of the packed tensor the branches see, known on the host (all samples at rate 0).
         groups = [(kept_count(x.shape[0], rate), x.shape[1]) for x in xs]
-        attn_branch = functools.partial(self._attn_branch, groups=groups)
+        attn_branch = functools.partial(self._cls_attn_branch if cls_only else self._attn_branch, groups=groups)
         xs = dino_kernels.drop_add_residual(xs, attn_branch, rate, training=self.training, generator=generator,
                                             scaling=self.gamma1)
+        if cls_only:
+            xs = [x[:, :1] for x in xs]
         return dino_kernels.drop_add_residual(xs, self._mlp_branch, rate, training=self.training,
                                               generator=generator, scaling=self.gamma2)
 
 
 class VisionTransformer(nn.Module):
     """ViT backbone. ``forward(crops)`` takes a list of crop groups (B_i, 3, S_i, S_i) and returns the final-norm CLS
-    features of all of them, concatenated in order: (Σ B_i, embed_dim). ``packed_attention=False`` gives every block
-    plain-PyTorch attention (one SDPA call per crop group) instead of ``dino_kernels.packed_attention``."""
+    features of all of them, concatenated in order: (Σ B_i, embed_dim).
+
+    ``fused=True`` (``--kernels fused``): ``dino_kernels.packed_attention``, the patch embedding as one GEMM on CPU,
+    and in ``forward`` a last block that runs the queries, the projection and the MLP on the CLS rows alone (only the
+    CLS token leaves it). ``fused=False``: DINO's plain PyTorch (one SDPA call per crop group, the convolution, every
+    token through every block). Both compute the same function."""
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, embed_dim: int = 384, depth: int = 12,
                  num_heads: int = 6, mlp_ratio: float = 4.0, drop_path_rate: float = 0.0, n_registers: int = 0,
-                 layerscale: float = 0.0, in_chans: int = 3, packed_attention: bool = True,
-                 mask_token: bool = False) -> None:
+                 layerscale: float = 0.0, in_chans: int = 3, fused: bool = True, mask_token: bool = False) -> None:
         super().__init__()
         self.patch_size, self.embed_dim, self.num_heads = patch_size, embed_dim, num_heads
         self.n_registers = n_registers
@@ -156,8 +183,9 @@ class VisionTransformer(nn.Module):
         self.registers = nn.Parameter(torch.zeros(1, n_registers, embed_dim)) if n_registers else None
         # DINOv2's learned embedding of a masked patch (iBOT), initialised to 0.
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim)) if mask_token else None
+        self.fused = fused
         rates = torch.linspace(0, drop_path_rate, depth).tolist()
-        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, r, layerscale, packed_attention)
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, r, layerscale, packed_attention=fused)
                                     for r in rates)
         self.norm = nn.LayerNorm(embed_dim, eps=LN_EPS)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -180,13 +208,24 @@ class VisionTransformer(nn.Module):
         grid = grid.to(self.pos_embed.dtype).permute(0, 2, 3, 1).flatten(1, 2)
         return torch.cat([self.pos_embed[:, :1], grid], dim=1)
 
+    def embed_patches(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        """(B, C, H, W) images -> ((B, h·w, D) patch embeddings, h, w). The fused path runs the convolution (kernel =
+        stride = patch size) on CPU as one GEMM over the unfolded patches: the same maths without oneDNN's
+        per-call setup, which costs more than the arithmetic on small crops (cuDNN's does not: GPUs keep the
+        convolution)."""
+        if not self.fused or x.device.type != "cpu":
+            patches = self.patch_embed(x)
+            return patches.flatten(2).transpose(1, 2), patches.shape[-2], patches.shape[-1]
+        (b, c), p = x.shape[:2], self.patch_size
+        h, w = x.shape[-2] // p, x.shape[-1] // p
+        unfolded = x[..., :h * p, :w * p].reshape(b, c, h, p, w, p).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w, -1)
+        return F.linear(unfolded, self.patch_embed.weight.flatten(1), self.patch_embed.bias), h, w
+
     def prepare_tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
         """(B, 3, H, W) images -> (B, 1 + R + h·w, D) tokens: CLS, registers, patches. ``masks`` (B, h·w) bool puts
         the mask token in place of the masked patches' embeddings, before the position embedding is added."""
         b = x.shape[0]
-        patches = self.patch_embed(x)
-        h, w = patches.shape[-2:]
-        patches = patches.flatten(2).transpose(1, 2)
+        patches, h, w = self.embed_patches(x)
         if masks is not None:
             patches = torch.where(masks.unsqueeze(-1), self.mask_token.to(patches.dtype), patches)
         tokens = torch.cat([self.cls_token.expand(b, -1, -1), patches], dim=1)
@@ -208,7 +247,12 @@ class VisionTransformer(nn.Module):
                 ) -> torch.Tensor:
         if isinstance(crops, torch.Tensor):
             crops = [crops]
-        return torch.cat([x[:, 0] for x in self.forward_tokens(crops, generator)])
+        if not self.fused:
+            return torch.cat([x[:, 0] for x in self.forward_tokens(crops, generator)])
+        xs = [self.prepare_tokens(c) for c in crops]
+        for block in self.blocks[:-1]:
+            xs = block(xs, generator)
+        return self.norm(torch.cat([x[:, 0] for x in self.blocks[-1](xs, generator, cls_only=True)]))
 
     @torch.no_grad()
     def last_cls_attention(self, images: torch.Tensor) -> torch.Tensor:
@@ -287,7 +331,7 @@ def build_model(cfg, drop_path: bool) -> DINOModel:
     backbone = VisionTransformer(
         img_size=cfg.global_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth,
         num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, drop_path_rate=cfg.drop_path_rate if drop_path else 0.0,
-        n_registers=cfg.n_registers, layerscale=cfg.layerscale, packed_attention=cfg.kernels != "reference",
+        n_registers=cfg.n_registers, layerscale=cfg.layerscale, fused=cfg.kernels != "reference",
         mask_token=cfg.recipe == "dinov2")
 
     def head() -> DINOHead:

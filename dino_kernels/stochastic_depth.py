@@ -31,8 +31,11 @@ Registration: ``dino_kernels::scaled_index_add``, ``::index_select_cat`` and the
 :class:`~dino_kernels._op.KernelOp` s with fakes and autograd, which is what ``torch.compile`` sees; eager calls run
 the same functions without the custom-op wrapper's per-call cost.
 
-CPU (``auto`` on CPU tensors): ``torch.index_select`` / ``index_add_`` in fp32 math (fp64 for fp64); the branch
-dominates a block's time there, so a C++ kernel would not pay. float64 on CUDA takes the same torch path.
+CPU (``auto`` and ``cpu`` on CPU tensors): the C++ twins of both kernels (``csrc/stochastic_depth.cpp``: the same
+contract, one pass per output row, duplicates summed in index order) for the index-add and every backward, and
+``torch.index_select`` (already one pass) for the forward gather; math in fp32 (fp64 for fp64). They replaced a
+copy, an ``index_add_`` and a dtype conversion per call, which cost a DINO step on 2 cores as much as a block's
+attention. float64 on CUDA takes the torch path.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ import triton.language as tl
 
 from dino_kernels import reference
 from dino_kernels._backend import DEBUG_ENV_VAR, TRITON_DTYPES, accumulation_dtype, debug_enabled, resolve
+from dino_kernels._extension import ops
 from dino_kernels._launch import TritonKernel
 from dino_kernels._op import KernelOp, tracing
 from dino_kernels._validation import check_float, check_floating, check_same_device, check_tensor
@@ -197,8 +201,12 @@ def _placeholder(device: torch.device) -> torch.Tensor:
     return torch.zeros(1, dtype=torch.float32, device=device)
 
 
+def _scaling_as(scaling: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if scaling is None else scaling.detach().to(dtype).contiguous()
+
+
 def _scaling_fp32(scaling: torch.Tensor | None) -> torch.Tensor | None:
-    return None if scaling is None else scaling.detach().to(torch.float32).contiguous()
+    return _scaling_as(scaling, torch.float32)
 
 
 def _gather_triton(src: torch.Tensor, index: torch.Tensor, out: torch.Tensor, alpha: float,
@@ -251,9 +259,29 @@ def aot_examples() -> None:
                 _index_add_triton(with_x, index, src, torch.empty_like(x), 1.0, with_scaling)
 
 
+def _gather_cpu(src: torch.Tensor, index: torch.Tensor | None, alpha: float, scaling: torch.Tensor | None,
+                other: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The C++ gather: ``(alpha * scaling * src[index], sum of src[index] * other per feature)`` (the sum (0,)
+    without ``other``); ``index`` None is the identity."""
+    acc = accumulation_dtype(src)
+    width = scaling.shape[0] if scaling is not None else max(math.prod(src.shape[1:]), 1)
+    return ops().gather_rows_cpu(src.contiguous(), index, alpha, _scaling_as(scaling, acc),
+                                 None if other is None else other.contiguous(), width)
+
+
+def _index_add_cpu(x: torch.Tensor | None, index: torch.Tensor | None, src: torch.Tensor, rows: int, alpha: float,
+                   scaling: torch.Tensor | None) -> torch.Tensor:
+    """The C++ index-add: ``x + alpha * scaling * (sum of src rows per index target)`` (zeros for x None)."""
+    acc = accumulation_dtype(src)
+    width = scaling.shape[0] if scaling is not None else max(math.prod(src.shape[1:]), 1)
+    return ops().index_add_rows_cpu(None if x is None else x.contiguous(), index, src.contiguous(), rows, alpha,
+                                    _scaling_as(scaling, acc), width)
+
+
 # ------------------------------------------------------------------------------------------------ dispatch
-# Triton serves the `cuda` and `triton` backends for fp32/fp16/bf16 (resolve() refuses float64 for `triton`); every
-# other case takes the torch path: index_select / index_add_ in fp32 math (fp64 for fp64), float64 on CUDA included.
+# Triton serves the `cuda` and `triton` backends for fp32/fp16/bf16 (resolve() refuses float64 for `triton`), the C++
+# kernels the `auto` and `cpu` backends on CPU tensors; float64 on CUDA takes the torch path (index_select /
+# index_add_ in float64).
 def _runs_triton(impl: str, dtype: torch.dtype) -> bool:
     return impl in ("cuda", "triton") and dtype in TRITON_DTYPES
 
@@ -266,6 +294,8 @@ def _scaled_index_add_forward(x: torch.Tensor, index: torch.Tensor | None, src: 
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
         _index_add_triton(x.contiguous(), index, src.contiguous(), out, alpha, _scaling_fp32(scaling))
         return out
+    if impl == "cpu":
+        return _index_add_cpu(x, index, src, x.shape[0], alpha, scaling)
     index = index if index is not None else _identity(x.shape[0], x.device)
     if impl == "reference":
         return reference.scaled_index_add(x, index, src, alpha=alpha, scaling=scaling).contiguous()
@@ -286,6 +316,9 @@ def _scaled_index_add_backward(grad: torch.Tensor, index: torch.Tensor | None, s
         index = index if index is not None else _identity(grad.shape[0], grad.device)
         product = _gather_triton(grad.contiguous(), index, grad_src, alpha, _scaling_fp32(scaling),
                                  src.contiguous() if need_scaling_grad else None)
+        return grad_src, (alpha * product).to(scaling.dtype) if need_scaling_grad else no_scaling_grad
+    if impl == "cpu":
+        grad_src, product = _gather_cpu(grad, index, alpha, scaling, src if need_scaling_grad else None)
         return grad_src, (alpha * product).to(scaling.dtype) if need_scaling_grad else no_scaling_grad
     acc = accumulation_dtype(grad)
     rows = (grad if index is None else grad.index_select(0, index)).to(acc)
@@ -320,12 +353,15 @@ def _index_select_cat_backward(grad: torch.Tensor, indices: list[torch.Tensor], 
                                group_tokens: list[int]) -> list[torch.Tensor]:
     """Per group: a (B_i, M_i, D) zero tensor with the packed grad rows added at their indices."""
     width = grad.shape[-1]
-    triton = _runs_triton(resolve(grad.device, "index_select_cat", grad.dtype), grad.dtype)
+    impl = resolve(grad.device, "index_select_cat", grad.dtype)
+    triton = _runs_triton(impl, grad.dtype)
     grads = []
     parts = grad.split([i.shape[0] * n for i, n in zip(indices, group_tokens)])
     for index, rows, tokens, part in zip(indices, group_rows, group_tokens, parts):
         part = part.reshape(index.shape[0], tokens, width)
-        if triton:
+        if impl == "cpu":
+            grads.append(_index_add_cpu(None, index, part, rows, 1.0, None))
+        elif triton:
             out = grad.new_empty((rows, tokens, width))
             _index_add_triton(None, index, part.contiguous(), out, 1.0, None)
             grads.append(out)

@@ -3,7 +3,7 @@ must catch each one.
 
     python -m tests.mutation               # every mutant, then the last line `mutation score: K/N killed`
     python -m tests.mutation --list        # the mutants (and whether each snippet is still found), nothing run
-    python -m tests.mutation --only ema    # the mutants whose name contains "ema"
+    python -m tests.mutation --only ema    # the mutants whose name contains "ema" (repeatable: --only a --only b)
 
 A mutant is one edit of one file: a snippet that must occur exactly once there (the check stops before running
 anything otherwise, so that a mutant whose code moved cannot silently test nothing), its replacement, the pytest
@@ -29,8 +29,10 @@ result). A mutant that cannot change any result (an equivalent mutant) would car
 Run time, measured on the 2-core development machine: 14.9 minutes for the 79 mutants of 2026-11-27 (77 run on
 CPU, 2 need a GPU), about 6 of them for the 9 C++ mutants (their rebuilds; the first compiles every C++ file) and up
 to 3 for the baseline; a Python mutant takes 3 to 11 s. That run killed 76 of 77; the survivor was an equivalent
-mutant, which was replaced (the replacement is killed: ``--only compat-lightly``). Not part of CI
-(too slow for every push): run it after changing a kernel, a test of one, or the trainer's step.
+mutant, which was replaced (the replacement is killed: ``--only compat-lightly``). The 8 mutants added since (the C++
+short-sequence attention and stochastic-depth kernels, the fused model's CLS-only last block and patch GEMM; one
+mutant of the torch CPU path those kernels replaced was retired) ran alone: 8/8 killed in 4.4 minutes. Not part of
+CI (too slow for every push): run it after changing a kernel, a test of one, or the trainer's step.
 """
 
 from __future__ import annotations
@@ -237,6 +239,21 @@ MUTANTS = [
     mutant("attn-cpp-dk-missing-scale", "csrc/packed_attention.cpp",
            "dk_r[d] = static_cast<T>(dk_sr[d] * scale);", "dk_r[d] = static_cast<T>(dk_sr[d]);",
            ("tests/test_packed_attention.py", "cpu_kernel_strided_views"), "C++ backward: dk without the scale"),
+    mutant("attn-cpp-short-no-delta", "csrc/packed_attention.cpp",
+           "for (int64_t j = 0; j < n; ++j) ds[i][j] = p[i][j] * (ds[i][j] - delta);",
+           "for (int64_t j = 0; j < n; ++j) ds[i][j] = p[i][j] * ds[i][j];",
+           ("tests/test_packed_attention.py", "cpu_kernel_head_dims"),
+           "C++ short-sequence backward: dS = P * dP without subtracting the row's delta"),
+    mutant("attn-cpp-short-dv-from-ds", "csrc/packed_attention.cpp",
+           "add_scaled(acc_b, p[i][j], a.grad_out.row(start + i, head), dims);",
+           "add_scaled(acc_b, ds[i][j], a.grad_out.row(start + i, head), dims);",
+           ("tests/test_packed_attention.py", "many_short_sequences"),
+           "C++ short-sequence backward: dV weighted by dS instead of P"),
+    mutant("attn-cpp-short-chunk-skips-last", "csrc/packed_attention.cpp",
+           "for (int64_t i = plan.chunk_starts[chunk]; i < plan.chunk_starts[chunk + 1]; ++i) {",
+           "for (int64_t i = plan.chunk_starts[chunk]; i + 1 < plan.chunk_starts[chunk + 1]; ++i) {",
+           ("tests/test_packed_attention.py", "many_short_sequences"),
+           "C++ short-sequence tasks: the last sequence of every chunk is never computed"),
     mutant("packing-swapped-group-shape", "dino_kernels/packing.py",
            "lengths = [n for b, n in shapes for _ in range(b)]", "lengths = [b for b, n in shapes for _ in range(n)]",
            ("tests/test_packed_attention.py", "pack_unpack_round_trip"),
@@ -255,10 +272,19 @@ MUTANTS = [
     mutant("sd-scaling-grad-product", "dino_kernels/stochastic_depth.py",
            "tl.sum(gathered * o, axis=0)", "tl.sum(scaled * o, axis=0)", SD_GUARD,
            "LayerScale gradient takes the scaled rows: alpha and scaling applied twice"),
-    mutant("sd-cpu-grad-ignores-scaling", "dino_kernels/stochastic_depth.py",
-           "factor = alpha if scaling is None else alpha * scaling.to(acc)", "factor = alpha",
+    mutant("sd-cpp-grad-ignores-scaling", "csrc/stochastic_depth.cpp",
+           "dst[d] = static_cast<T>(alpha * scaling[d] * static_cast<acc_t>(in[d]));",
+           "dst[d] = static_cast<T>(alpha * static_cast<acc_t>(in[d]));",
            ("tests/test_stochastic_depth.py", "strided_inputs_and_partial_grads and auto"),
-           "CPU backward: the gradient of src misses the LayerScale factor"),
+           "C++ backward: the gradient of src misses the LayerScale factor"),
+    mutant("sd-cpp-duplicates-skip-last", "csrc/stochastic_depth.cpp",
+           "for (int64_t p = begin + 1; p < end; ++p) {", "for (int64_t p = begin + 1; p < end - 1; ++p) {",
+           ("tests/test_stochastic_depth.py", "scaled_index_add_matches_float64 and auto"),
+           "C++ index-add: a row with several contributions drops the last one"),
+    mutant("sd-cpp-partial-last-chunk", "csrc/stochastic_depth.cpp",
+           "for (int64_t c = 0; c < partials.size(0); ++c)", "for (int64_t c = 0; c + 1 < partials.size(0); ++c)",
+           ("tests/test_stochastic_depth.py", "many_rows"),
+           "C++ LayerScale gradient: the last chunk's partial sums are left out (only seen past 16 rows)"),
     mutant("sd-kept-count", "dino_kernels/stochastic_depth.py",
            "return max(int(batch * (1.0 - drop_rate)), 1)", "return max(int(batch * drop_rate), 1)",
            ("tests/test_stochastic_depth.py", "drop_add_residual_semantics and auto"),
@@ -309,6 +335,15 @@ MUTANTS = [
     mutant("train-centers-move-under-sinkhorn", "dino/train.py",
            "        if not sinkhorn:  # the center EMAs", "        if True:  # the center EMAs", DINOV2_STEP,
            "the center EMAs keep moving after the switch to Sinkhorn-Knopp centering"),
+    mutant("model-cls-queries-from-keys", "dino/model.py",
+           "F.linear(x.index_select(0, cls_rows), weight[:dim], bias[:dim])",
+           "F.linear(x.index_select(0, cls_rows), weight[dim:2 * dim], bias[dim:2 * dim])",
+           ("tests/test_train.py", "fused_model_computes"),
+           "fused last block: the CLS queries projected with the key weights"),
+    mutant("model-patch-gemm-transposed-patches", "dino/model.py",
+           ".permute(0, 2, 4, 1, 3, 5)", ".permute(0, 2, 4, 1, 5, 3)",
+           ("tests/test_train.py", "fused_model_computes"),
+           "fused patch embedding: each patch's pixels unfolded transposed against the convolution's weights"),
     mutant("train-masks-not-applied", "dino/model.py",
            "xs = [self.prepare_tokens(c, masks if i == 0 else None) for i, c in enumerate(crops)]",
            "xs = [self.prepare_tokens(c) for c in crops]", DINOV2_STEP,
@@ -538,14 +573,15 @@ def ordered(mutants: list[Mutant]) -> list[Mutant]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.mutation", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", metavar="SUBSTRING", help="run the mutants whose name contains SUBSTRING")
+    parser.add_argument("--only", metavar="SUBSTRING", action="append",
+                        help="run the mutants whose name contains SUBSTRING (repeatable: any of them)")
     parser.add_argument("--list", action="store_true", help="list the mutants and check their snippets")
     parser.add_argument("--timeout", type=float, default=PYTEST_TIMEOUT_S, help="seconds per pytest run")
     parser.add_argument("--no-baseline", action="store_true", help="skip the run of the selections on the "
                                                                     "unmutated tree")
     parser.add_argument("--verbose", action="store_true", help="show the end of pytest's output for every mutant")
     args = parser.parse_args(argv)
-    selected = [m for m in MUTANTS if args.only is None or args.only in m.name]
+    selected = [m for m in MUTANTS if args.only is None or any(part in m.name for part in args.only)]
     if not selected:
         parser.error(f"no mutant name contains {args.only!r}")
     problems = check_snippets(MUTANTS)

@@ -223,9 +223,10 @@ def test_cuda_autocast_with_strided_fp32_views(dtype):
 
 
 # ------------------------------------------------------------------------------------- C++ CPU kernel
-# Every length class of the CPU kernel's tiling (16-row query blocks, 4-row micro-kernels, 16-column tiles): a lone
-# token, 2, one under and one over 64, a ViT-S/16 global crop, and an empty sequence in the middle.
-AWKWARD_LENGTHS = [1, 2, 63, 0, 65, 197]
+# Every length class of the CPU kernel: its short path (a lone token, 2, 5, and 16 = kShortSeq), and its tiling
+# (16-row query blocks, 4-row micro-kernels, 16-column tiles) from 17 on: one under and one over 64, a ViT-S/16 global
+# crop, and an empty sequence in the middle.
+AWKWARD_LENGTHS = [1, 2, 63, 0, 16, 17, 65, 197, 5]
 
 
 @pytest.mark.parametrize("dim", [8, 40, 64, 80])
@@ -244,6 +245,22 @@ def test_cpu_kernel_head_dims_and_dtypes(dim, dtype):
     _assert_close(out, expected, dtype, "out")
     for g, e, what in zip(grads, expected_grads, ("dq", "dk", "dv")):
         _assert_close(g, e, dtype, what)
+
+
+def test_cpu_kernel_many_short_sequences_across_chunks():
+    """DINO's multi-crop layout at coarse patches: hundreds of short sequences (several of the short path's
+    128-token chunks, one ending inside a sequence) around long ones, fp32 and float64 (exact)."""
+    lengths = [5] * 30 + [17] + [2] * 90 + [40] + [9] * 7 + [1, 16]
+    for dtype, heads in ((torch.float32, 6), (torch.float64, 2)):
+        q, k, v, cu = _inputs(lengths, heads, 32, dtype)
+        grad_out = torch.randn(q.shape).to(dtype)
+        expected, expected_grads = _expected(q, k, v, cu, grad_out)
+        with dino_kernels.backend("cpu"):
+            out = dino_kernels.packed_attention(q, k, v, cu, 40)
+            grads = torch.autograd.grad(out, (q, k, v), grad_out)
+        _assert_close(out, expected, dtype, "out")
+        for g, e, what in zip(grads, expected_grads, ("dq", "dk", "dv")):
+            _assert_close(g, e, dtype, what)
 
 
 def _strided_views(total, heads, dim):

@@ -141,10 +141,13 @@ def test_index_select_cat_matches_float64(backend, device, dtype):
 
 
 GATHER, INDEX_ADD = "triton._gather_rows_kernel", "triton._index_add_rows_kernel"
+CPP_GATHER, CPP_INDEX_ADD = "cpp.gather_rows_cpu", "cpp.index_add_rows_cpu"
+# On CPU tensors the gather forward is torch.index_select (one pass already), everything else the C++ kernels.
+CPP_CALLS = ([], [CPP_INDEX_ADD], [CPP_GATHER, CPP_INDEX_ADD])
 
 
 @pytest.mark.parametrize("backend,dtype,expected", [
-    ("auto", torch.float32, ([], [], [])), ("cpu", torch.float32, ([], [], [])),  # torch's index ops on CPU tensors
+    ("auto", torch.float32, CPP_CALLS), ("cpu", torch.float32, CPP_CALLS),
     ("reference", torch.float32, (["reference.index_select_cat"], ["reference.scaled_index_add"], [])),
     pytest.param("triton", torch.float16, ([GATHER], [INDEX_ADD], [GATHER, INDEX_ADD]), marks=requires_interpreter)])
 def test_each_backend_runs_its_implementation(monkeypatch, backend, dtype, expected):
@@ -164,6 +167,58 @@ def test_each_backend_runs_its_implementation(monkeypatch, backend, dtype, expec
         out.sum().backward()  # the gather for src and scaling, the index-add for index_select_cat's input
         ran.append(sorted(calls))
     assert tuple(ran) == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=lambda d: str(d).removeprefix("torch."))
+def test_cpu_kernels_many_rows_duplicates_and_empty_index(dtype):
+    """The C++ kernels past one work chunk: 70 output rows (16-row chunks for the LayerScale gradient's partial sums,
+    several threads' ranges), duplicates and untouched rows, LayerScale and its gradient; float64 exact (1e-12). An
+    empty index leaves x as it is and gives zero gradients."""
+    x = torch.randn(70, 3, 8, dtype=dtype, requires_grad=True)
+    index = torch.tensor([69, 0, 5, 5, 5, *range(10, 60)], dtype=torch.int32)
+    src = torch.randn(len(index), 3, 8, dtype=dtype, requires_grad=True)
+    scaling = torch.randn(8, dtype=dtype, requires_grad=True)
+    grad_output = torch.randn(70, 3, 8, dtype=dtype)
+    with dino_kernels.backend("cpu"):
+        out = dino_kernels.scaled_index_add(x, index, src, alpha=1.3, scaling=scaling)
+        grads = torch.autograd.grad(out, [x, src, scaling], grad_output)
+    x64, src64, scaling64 = _float64(x, src, scaling)
+    expected = x64.index_add(0, index, src64 * scaling64, alpha=1.3)
+    expected_grads = torch.autograd.grad(expected, [x64, src64, scaling64], grad_output.double())
+    assert rel_error(out, expected) <= TOLERANCE[dtype]
+    for name, got, want in zip(["x", "src", "scaling"], grads, expected_grads):
+        assert rel_error(got, want) <= TOLERANCE[dtype], name
+    empty = torch.tensor([], dtype=torch.int64)
+    with dino_kernels.backend("cpu"):
+        out = dino_kernels.scaled_index_add(x, empty, src[:0], scaling=scaling)
+        grad_src, grad_scaling = torch.autograd.grad(out, [src, scaling], grad_output)
+    assert torch.equal(out, x) and not grad_src.any() and not grad_scaling.any()
+
+
+def test_cpu_kernels_reject_bad_input_without_crashing():
+    """The C++ ops called directly, past the Python checks: a clear RuntimeError, never a crash."""
+    ops = dino_kernels._extension.ops()
+    src, x = torch.randn(3, 2, 4), torch.randn(5, 2, 4)
+    index = torch.tensor([4, 0, 2])
+    assert torch.equal(ops.index_add_rows_cpu(x, index, src, 5, 1.0, None, 8)[index], x[index] + src)
+    bad = [
+        (lambda: ops.index_add_rows_cpu(x, torch.tensor([5, 0, 2]), src, 5, 1.0, None, 8), "out of range"),
+        (lambda: ops.index_add_rows_cpu(x, torch.tensor([-1, 0, 2]), src, 5, 1.0, None, 8), "out of range"),
+        (lambda: ops.index_add_rows_cpu(x, index.float(), src, 5, 1.0, None, 8), "int64 or int32"),
+        (lambda: ops.index_add_rows_cpu(x, index[:2], src, 5, 1.0, None, 8), "one entry per src row"),
+        (lambda: ops.index_add_rows_cpu(x[:4], index, src, 5, 1.0, None, 8), "x must be"),
+        (lambda: ops.index_add_rows_cpu(x.half(), index, src, 5, 1.0, None, 8), "x must be"),
+        (lambda: ops.index_add_rows_cpu(None, None, src, 5, 1.0, None, 8), "without an index"),
+        (lambda: ops.index_add_rows_cpu(x, index, src, 5, 1.0, torch.ones(3), 3), "width must divide"),
+        (lambda: ops.index_add_rows_cpu(x, index, src, 5, 1.0, torch.ones(4).double(), 4), "scaling must be"),
+        (lambda: ops.index_add_rows_cpu(x, index, src.transpose(1, 2), 5, 1.0, None, 8), "contiguous"),
+        (lambda: ops.gather_rows_cpu(x, torch.tensor([5]), 1.0, None, None, 8), "out of range"),
+        (lambda: ops.gather_rows_cpu(x, index, 1.0, None, src[:2], 8), "other must be"),
+        (lambda: ops.gather_rows_cpu(x, index, 1.0, torch.ones(4), None, 8), "width must divide"),
+    ]
+    for call, match in bad:
+        with pytest.raises(RuntimeError, match=match):
+            call()
 
 
 def test_index_select_cat_empty_selection():

@@ -227,7 +227,7 @@ def test_reference_attention_reads_nothing_back_from_the_device(monkeypatch):
     stochastic depth drops samples."""
     torch.manual_seed(0)
     vit = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, drop_path_rate=0.5,
-                            packed_attention=False).train()
+                            fused=False).train()
     crops = [torch.randn(4, 3, 16, 16), torch.randn(6, 3, 8, 8)]
 
     def no_sync(self, *args, **kwargs):
@@ -256,6 +256,41 @@ def test_build_model_chooses_attention_once(tmp_path, monkeypatch):
     crops = [torch.randn(4, 3, 12, 12), torch.randn(6, 3, 8, 8)]
     with torch.no_grad():
         torch.testing.assert_close(fused(crops), reference(crops), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_registers,layerscale", [(0, 0.0), (2, 0.1)])
+def test_fused_model_computes_the_reference_function(n_registers, layerscale):
+    """fused=True (packed attention, the patch GEMM, a last block on the CLS rows) against fused=False (per-group
+    SDPA, the convolution, every token through every block), float64, training with stochastic depth (the same
+    draws), crops whose size the patches do not divide: the features and every parameter's gradient (grad_output
+    != 1) agree to rounding. Only the CLS rows leave the last block, so nothing else may differ."""
+    torch.manual_seed(0)
+    kw = dict(img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=2, drop_path_rate=0.5,
+              n_registers=n_registers, layerscale=layerscale)
+    fused = VisionTransformer(**kw, fused=True).double().train()
+    plain = VisionTransformer(**kw, fused=False).double().train()
+    plain.load_state_dict(fused.state_dict())
+    crops = [torch.randn(4, 3, 18, 17, dtype=torch.float64), torch.randn(6, 3, 9, 8, dtype=torch.float64)]
+    grad_output = torch.randn(10, 32, dtype=torch.float64)
+    results = []
+    for model, backend in ((fused, "auto"), (plain, "reference")):
+        with dino_kernels.backend(backend):
+            features = model(crops, torch.Generator().manual_seed(3))
+            grads = torch.autograd.grad(features, list(model.parameters()), grad_output, allow_unused=True)
+        results.append((features, grads))
+    (features, grads), (expected, expected_grads) = results
+    assert rel_error(features, expected) <= 1e-12
+    for (name, _), got, want in zip(fused.named_parameters(), grads, expected_grads):
+        assert (got is None) == (want is None), name
+        if got is not None:
+            assert rel_error(got, want) <= 1e-12, name
+
+
+def test_fused_trainer_takes_the_fused_optimizer(tmp_path):
+    """--kernels fused steps with PyTorch's fused AdamW, --kernels reference with the default one (as DINO)."""
+    fused = train_mod.Trainer(*tiny_config(tmp_path / "f", kernels="fused"))
+    reference = train_mod.Trainer(*tiny_config(tmp_path / "r", kernels="reference"))
+    assert fused.optimizer.defaults["fused"] and not reference.optimizer.defaults["fused"]
 
 
 def test_pos_embed_interpolation_and_registers():
