@@ -195,10 +195,14 @@ std::tuple<at::Tensor, at::Tensor> gather_rows_cpu(const at::Tensor& src, const 
     });
   }
   if (!other.has_value()) return {out, partials.new_empty({0})};
-  // The chunks' partial sums, added in chunk order.
-  at::Tensor partial = at::zeros({width}, partials.options());
-  for (int64_t c = 0; c < partials.size(0); ++c) partial.add_(partials[c]);
-  return {out, partial};
+  // The chunks' partial sums, added in chunk order (in place into the first chunk's row).
+  AT_DISPATCH_FLOATING_TYPES(partials.scalar_type(), "gather_rows_cpu_partial", [&] {
+    scalar_t* rows = partials.data_ptr<scalar_t>();
+    for (int64_t c = 1; c < partials.size(0); ++c) {
+      for (int64_t d = 0; d < width; ++d) rows[d] += rows[c * width + d];
+    }
+  });
+  return {out, partials.size(0) > 0 ? partials[0].clone() : partials.new_zeros({width})};
 }
 
 // Returns out (rows, *src.shape[1:]) in src's dtype. x (rows, *src.shape[1:]) in src's dtype or absent (zeros);

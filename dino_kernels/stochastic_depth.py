@@ -259,23 +259,28 @@ def aot_examples() -> None:
                 _index_add_triton(with_x, index, src, torch.empty_like(x), 1.0, with_scaling)
 
 
+def _cpu_scaling(src: torch.Tensor, scaling: torch.Tensor | None) -> tuple[torch.Tensor | None, int]:
+    """What the C++ kernels take besides the rows: scaling in the accumulation dtype, and the width a row is split
+    into (scaling's length; without scaling the whole row)."""
+    width = scaling.shape[0] if scaling is not None else max(math.prod(src.shape[1:]), 1)
+    return _scaling_as(scaling, accumulation_dtype(src)), width
+
+
 def _gather_cpu(src: torch.Tensor, index: torch.Tensor | None, alpha: float, scaling: torch.Tensor | None,
                 other: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The C++ gather: ``(alpha * scaling * src[index], sum of src[index] * other per feature)`` (the sum (0,)
     without ``other``); ``index`` None is the identity."""
-    acc = accumulation_dtype(src)
-    width = scaling.shape[0] if scaling is not None else max(math.prod(src.shape[1:]), 1)
-    return ops().gather_rows_cpu(src.contiguous(), index, alpha, _scaling_as(scaling, acc),
+    scaling, width = _cpu_scaling(src, scaling)
+    return ops().gather_rows_cpu(src.contiguous(), index, alpha, scaling,
                                  None if other is None else other.contiguous(), width)
 
 
 def _index_add_cpu(x: torch.Tensor | None, index: torch.Tensor | None, src: torch.Tensor, rows: int, alpha: float,
                    scaling: torch.Tensor | None) -> torch.Tensor:
     """The C++ index-add: ``x + alpha * scaling * (sum of src rows per index target)`` (zeros for x None)."""
-    acc = accumulation_dtype(src)
-    width = scaling.shape[0] if scaling is not None else max(math.prod(src.shape[1:]), 1)
+    scaling, width = _cpu_scaling(src, scaling)
     return ops().index_add_rows_cpu(None if x is None else x.contiguous(), index, src.contiguous(), rows, alpha,
-                                    _scaling_as(scaling, acc), width)
+                                    scaling, width)
 
 
 # ------------------------------------------------------------------------------------------------ dispatch

@@ -282,7 +282,7 @@ MUTANTS = [
            ("tests/test_stochastic_depth.py", "scaled_index_add_matches_float64 and auto"),
            "C++ index-add: a row with several contributions drops the last one"),
     mutant("sd-cpp-partial-last-chunk", "csrc/stochastic_depth.cpp",
-           "for (int64_t c = 0; c < partials.size(0); ++c)", "for (int64_t c = 0; c + 1 < partials.size(0); ++c)",
+           "for (int64_t c = 1; c < partials.size(0); ++c) {", "for (int64_t c = 1; c + 1 < partials.size(0); ++c) {",
            ("tests/test_stochastic_depth.py", "many_rows"),
            "C++ LayerScale gradient: the last chunk's partial sums are left out (only seen past 16 rows)"),
     mutant("sd-kept-count", "dino_kernels/stochastic_depth.py",
