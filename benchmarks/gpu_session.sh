@@ -15,6 +15,7 @@
 #                        every phase, so a run cut short still has one
 #   <gpu>-<date>.json/.md  the benchmark records and table (copy both to benchmarks/results/; the README quotes them)
 #   smoke.json           both training runs' per-step losses and step times
+#   profile.md           the top device kernels and host time per step of ours and the reference (profile_step.py)
 #
 # Phases, in the order they run: the estimate made before the first GPU run (from the dry run's counts and compile
 # times measured on CPU: ~1-2 s per Triton compile, ~25 s per torch.compile), what the first and the second full runs
@@ -37,7 +38,11 @@
 #                compiled references; the timm ViT-S/16 step)
 #   5 smoke      100 ViT-S/16 steps fused, then --kernels reference,  60 s      54 s      71 s    150 s
 #                same seed
-#   6 sanitize   compute-sanitizer memcheck, then racecheck, over   2 x 30 s    34 s      39 s  2 x 90 s
+#   6 profile    torch.profiler over 5 steps of each: the ViT-S/16     45 s         -         -     90 s
+#                train step fused / reference, the ViT-g/14 block at
+#                p=0.4 ours / timm DropPath / index path, ViT-S/16
+#                packed attention fwd+bwd ours / SDPA / varlen
+#   7 sanitize   compute-sanitizer memcheck, then racecheck, over   2 x 30 s    34 s      39 s  2 x 90 s
 #                kernel_cases.py (one small bf16 case of every
 #                kernel, both GPU backends, and one bad input per
 #                C++ op); last: the least predictable under
@@ -52,7 +57,7 @@ cd "$(dirname "$0")/.."
 dry_run=0
 [ "${1:-}" = "--dry-run" ] && dry_run=1
 # A follow-up run on the same day may narrow the session: DK_TESTS (parity: test paths, default tests/), DK_BENCHES
-# (bench: benchmark paths, default benchmarks/), DK_SKIP (phases left out: "smoke", "sanitize").
+# (bench: benchmark paths, default benchmarks/), DK_SKIP (phases left out: "smoke", "profile", "sanitize").
 tests=${DK_TESTS:-tests/}
 benches=${DK_BENCHES:-benchmarks/}
 skip=${DK_SKIP:-}
@@ -90,6 +95,10 @@ write_summary() {
     echo "|---|---|---|---|"
     for p in "${phases[@]}"; do IFS='|' read -r n s t k <<< "$p"; echo "| $n | $s | $t | $k |"; done
     if [ -f "$scratch/smoke" ]; then echo; echo "## Training smoke (loss per step, same seed)"; echo; cat "$scratch/smoke"; fi
+    if [ -f "$out/profile.md" ]; then
+      echo; echo "## Step profiles (per step; top kernels of each: profile.md)"; echo
+      sed -n '/^| case /,/^$/p' "$out/profile.md"
+    fi
     if [ -f "$results.md" ]; then
       echo; echo "## Benchmarks: ours against the strongest baseline (full table: $(basename "$results").md)"; echo
       grep -E '^\|( case |---)' "$results.md" | head -2
@@ -225,7 +234,16 @@ else
   write_summary
 fi
 
-# --------------------------------------------------------------------------------------------------- 6: sanitize
+# ---------------------------------------------------------------------------------------------------- 6: profile
+if [[ " $skip " == *" profile "* ]]; then
+  skip_phase profile "DK_SKIP"
+elif [ $dry_run = 1 ]; then
+  run_phase profile 120 "^\\| train step" $py -m benchmarks.profile_step --dry-run --steps 2 --out "$out/profile.md"
+else
+  run_phase profile 90 "^\\| train step" $py -m benchmarks.profile_step --out "$out/profile.md"
+fi
+
+# --------------------------------------------------------------------------------------------------- 7: sanitize
 sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
 if [[ " $skip " == *" sanitize "* ]]; then
   skip_phase sanitize "DK_SKIP"

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Download the wheels that the GPU machines' image lacks into .whl/ (git-ignored), on a machine with network.
 # They travel with the working tree (device tool: carry [".whl"]), and benchmarks/gpu_session.sh installs them with
-# `pip install --no-index --no-deps --target` before anything imports them. Only what the trainer's augmentations
-# need is missing there: kornia and its compiled companion kornia_rs (torch, numpy and the rest are in the image).
+# `pip install --no-index --no-deps --target` before anything imports them. Missing there: kornia and its compiled
+# companion kornia_rs (the trainer's augmentations), and lightly (the lightly compat tests; pure Python, and the parts
+# they import need nothing beyond the image's torch, torchvision, numpy and tqdm).
 #
 #   bash benchmarks/gpu_wheels.sh                  # for the GPU image: CPython 3.12, manylinux x86_64
 #   bash benchmarks/gpu_wheels.sh --this-python    # for this interpreter (gpu_session.sh --dry-run in CI)
@@ -10,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
 # The versions CI tests with today; a newer kornia must still accept the image's torch 2.11 (kornia needs >= 2.5.1).
-packages=("kornia==0.9.0" "kornia_rs==0.2.0")
+packages=("kornia==0.9.0" "kornia_rs==0.2.0" "lightly==1.6.0")
 if [ "${1:-}" = "--this-python" ]; then
   target=()
 else

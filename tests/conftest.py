@@ -54,6 +54,16 @@ def _seed_and_restore_backend():
     dino_kernels.set_backend(previous)
 
 
+@pytest.fixture
+def no_tf32():
+    """float32 matrix products and convolutions in full precision (TF32 off) for one test, restored after. Plain
+    assignments: pytest's monkeypatch cannot restore these properties on every torch we support."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """‖actual − expected‖ / ‖expected‖ in float64 (0 when both are zero)."""
     actual, expected = actual.double(), expected.double()

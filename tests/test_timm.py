@@ -319,12 +319,10 @@ def test_bad_generator_and_static_size():
 
 
 @pytest.mark.cuda
-def test_cuda_matches_timm(monkeypatch):
+def test_cuda_matches_timm(no_tf32):
     """Compiled Triton kernels against timm on CUDA. fp32 with TF32 off: within fp32 tolerance. bf16 weights and
     crops: the outputs and the whole weight gradient as close to timm's fp32 values as 1e-2, or as timm's own bf16
     forward is (twice its error), whichever is looser."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     model = dk_timm.enable(_vit(init_values=0.1, reg_tokens=2).cuda().eval())
     crops = _crops(device="cuda")
     _assert_parity(model, crops, TOLERANCE[torch.float32])

@@ -19,7 +19,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import rel_error
+from conftest import TOLERANCE, cuda_param, rel_error
 
 import dino.train as train_mod
 import dino_kernels
@@ -258,20 +258,24 @@ def test_build_model_chooses_attention_once(tmp_path, monkeypatch):
         torch.testing.assert_close(fused(crops), reference(crops), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("device,dtype,tolerance", [("cpu", torch.float64, 1e-12),
+                                                    cuda_param("cuda", torch.float32, TOLERANCE[torch.float32])])
 @pytest.mark.parametrize("n_registers,layerscale", [(0, 0.0), (2, 0.1)])
-def test_fused_model_computes_the_reference_function(n_registers, layerscale):
-    """fused=True (packed attention, the patch GEMM, a last block on the CLS rows) against fused=False (per-group
-    SDPA, the convolution, every token through every block), float64, training with stochastic depth (the same
+def test_fused_model_computes_the_reference_function(n_registers, layerscale, device, dtype, tolerance, no_tf32):
+    """fused=True (packed attention, the patch GEMM on CPU, a last block on the CLS rows) against fused=False
+    (per-group SDPA, the convolution, every token through every block), training with stochastic depth (the same
     draws), crops whose size the patches do not divide: the features and every parameter's gradient (grad_output
-    != 1) agree to rounding. Only the CLS rows leave the last block, so nothing else may differ."""
+    != 1) agree to rounding (float64 on CPU; float32 without TF32 on CUDA, where the Triton kernels run). Only the
+    CLS rows leave the last block, so nothing else may differ."""
     torch.manual_seed(0)
     kw = dict(img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=2, drop_path_rate=0.5,
               n_registers=n_registers, layerscale=layerscale)
-    fused = VisionTransformer(**kw, fused=True).double().train()
-    plain = VisionTransformer(**kw, fused=False).double().train()
+    fused = VisionTransformer(**kw, fused=True).to(device, dtype).train()
+    plain = VisionTransformer(**kw, fused=False).to(device, dtype).train()
     plain.load_state_dict(fused.state_dict())
-    crops = [torch.randn(4, 3, 18, 17, dtype=torch.float64), torch.randn(6, 3, 9, 8, dtype=torch.float64)]
-    grad_output = torch.randn(10, 32, dtype=torch.float64)
+    crops = [torch.randn(4, 3, 18, 17, dtype=dtype, device=device),
+             torch.randn(6, 3, 9, 8, dtype=dtype, device=device)]
+    grad_output = torch.randn(10, 32, dtype=dtype, device=device)
     results = []
     for model, backend in ((fused, "auto"), (plain, "reference")):
         with dino_kernels.backend(backend):
@@ -279,11 +283,11 @@ def test_fused_model_computes_the_reference_function(n_registers, layerscale):
             grads = torch.autograd.grad(features, list(model.parameters()), grad_output, allow_unused=True)
         results.append((features, grads))
     (features, grads), (expected, expected_grads) = results
-    assert rel_error(features, expected) <= 1e-12
+    assert rel_error(features, expected) <= tolerance
     for (name, _), got, want in zip(fused.named_parameters(), grads, expected_grads):
         assert (got is None) == (want is None), name
         if got is not None:
-            assert rel_error(got, want) <= 1e-12, name
+            assert rel_error(got, want) <= tolerance, name
 
 
 def test_fused_trainer_takes_the_fused_optimizer(tmp_path):

@@ -1,0 +1,151 @@
+"""Where the time of a step goes: the device kernels (and host time) of ours against the reference, per case.
+
+The benchmarks say how long a step takes; this says which kernels make it up, so a GPU session brings back what the
+next change should aim at. For every case and provider it profiles ``--steps`` steps after two warm-up steps with
+``torch.profiler`` and writes a markdown table: wall time per step, device-busy time per step (their gap is host
+time: launches, Python, syncs), and the top kernels by their own device time.
+
+    python -m benchmarks.profile_step --out profile.md                  # GPU: the session's cases
+    python -m benchmarks.profile_step --dry-run --out profile.md        # CPU: tiny shapes, host time only
+
+Cases: the ViT-S/16 train step of ``bench_train_step`` (B=64, 2+10 crops, bf16 autocast), ``--kernels fused``
+against ``reference``; the ViT-g/14 block of ``bench_stochastic_depth`` at drop rate 0.4, ours against timm's
+DropPath (full compute) and the index path; ``bench_packed_attention``'s ViT-S/16 crops (bf16) forward + backward,
+ours against per-group SDPA and varlen attention.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import dino_kernels
+from benchmarks import bench_packed_attention as pa
+from benchmarks import bench_stochastic_depth as sd
+
+TOP_KERNELS = 12
+NAME_WIDTH = 90
+
+
+def _train_step_cases(dry_run: bool, device: str) -> dict[str, tuple[str, Callable[[], object]]]:
+    from dino.config import resolve_config
+    from dino.train import Trainer
+
+    overrides = ({"preset": "cpu-tiny", "batch_size": 8, "n_local_crops": 2} if dry_run else
+                 {"preset": "vit-s16", "batch_size": 64, "n_local_crops": 10, "amp": "bf16"})
+    cases = {}
+    for provider, kernels in (("ours", "fused"), ("reference", "reference")):
+        torch.manual_seed(0)
+        values = {**overrides, "kernels": kernels, "device": device, "num_workers": 0, "progress": False,
+                  "epochs": 100, "output_dir": tempfile.mkdtemp(prefix="dk-profile-")}
+        trainer = Trainer(resolve_config(values), values)
+        cfg = trainer.cfg
+        crops = [torch.randn(cfg.n_global_crops * cfg.batch_size, 3, cfg.global_size, cfg.global_size,
+                             device=trainer.device),
+                 torch.randn(cfg.n_local_crops * cfg.batch_size, 3, cfg.local_size, cfg.local_size,
+                             device=trainer.device)]
+        epoch = cfg.freeze_last_layer
+
+        def step(trainer=trainer, crops=crops, epoch=epoch):
+            trainer.step = epoch * trainer.iters_per_epoch
+            return trainer.step_on_crops(crops, epoch)
+
+        cases[provider] = ("reference" if provider == "reference" else "auto", step)
+    return {f"train step vit-s16 B=64 2+10 bf16 ({provider})": case for provider, case in cases.items()}
+
+
+def _sd_block_cases(dry_run: bool, device: str) -> dict[str, tuple[str, Callable[[], object]]]:
+    *shape, _ = sd.MODELS["vit-g14"]
+    block, xs, grads = sd._setup(sd.DRY_RUN_MODEL if dry_run else tuple(shape), device)
+    params = list(block.parameters())
+    cases = {}
+    for provider in ("ours", "timm_droppath", "torch_index"):
+        def step(run=sd.BLOCKS[provider]):
+            return torch.autograd.grad(run(block, xs, 0.4), [*xs, *params], grads)
+
+        cases[f"sd block vit-g14 p=0.4 fwd+bwd ({provider})"] = ("auto", step)
+    return cases
+
+
+def _attention_cases(dry_run: bool, device: str) -> dict[str, tuple[str, Callable[[], object]]]:
+    shape, _ = pa.CASES["vit-s16"]
+    q, k, v, cu_seqlens, max_seqlen, group_shapes, _ = pa._setup(pa.DRY_RUN_SHAPE if dry_run else shape, device)
+    cases = {}
+    for provider in ("ours", "per_group_sdpa") + (("varlen_attn",) if device == "cuda" else ()):
+        attend = pa._provider(provider, cu_seqlens, max_seqlen, group_shapes, q.shape[0], device)
+        outs = attend(q, k, v)
+        grads = [torch.randn_like(o) for o in (outs if isinstance(outs, list) else [outs])]
+
+        def step(attend=attend, grads=grads):
+            out = attend(q, k, v)
+            return torch.autograd.grad(out if isinstance(out, list) else [out], (q, k, v), grads)
+
+        cases[f"packed attention vit-s16 fwd+bwd ({provider})"] = ("auto", step)
+    return cases
+
+
+def _profile(step: Callable[[], object], steps: int, cuda: bool) -> tuple[float, list[tuple[str, int, float]], float]:
+    """(wall ms per step, [(kernel, calls per step, device ms per step)] by time, device-busy ms per step)."""
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    for _ in range(2):
+        step()
+    sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync()
+        wall = (time.perf_counter() - start) * 1e3 / steps
+    rows = []
+    for event in prof.key_averages():
+        own = event.self_device_time_total if cuda else event.self_cpu_time_total
+        if own > 0 and (not cuda or event.device_type == torch.autograd.DeviceType.CUDA):
+            rows.append((event.key, round(event.count / steps), own / 1e3 / steps))
+    rows.sort(key=lambda row: -row[2])
+    busy = sum(row[2] for row in rows) if cuda else float("nan")
+    return wall, rows, busy
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=5, help="profiled steps per case (after 2 warm-up steps)")
+    parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes: the plumbing only")
+    parser.add_argument("--out", default=None, help="write the markdown tables to this file")
+    args = parser.parse_args(argv)
+    cuda = torch.cuda.is_available() and not args.dry_run
+    device = "cuda" if cuda else "cpu"
+    what = "device" if cuda else "host (CPU ops, self time)"
+    lines = [f"# Step profiles on {torch.cuda.get_device_name() if cuda else 'CPU (dry run)'}, torch "
+             f"{torch.__version__}", "",
+             f"Per step, mean of {args.steps} profiled steps after 2 warm-up steps. 'busy': the sum of the device "
+             "kernels' own time; wall - busy is host time the device waited for (or overlapped).", ""]
+    cases = {**_train_step_cases(args.dry_run, device), **_sd_block_cases(args.dry_run, device),
+             **_attention_cases(args.dry_run, device)}
+    summary = [f"| case | wall ms | busy ms | {'kernels' if cuda else 'host ops'} per step |", "|---|---|---|---|"]
+    for name, (backend, step) in cases.items():
+        with dino_kernels.backend(backend):
+            wall, rows, busy = _profile(step, args.steps, cuda)
+        summary.append(f"| {name} | {wall:.2f} | {busy:.2f} | {sum(calls for _, calls, _ in rows)} |")
+        lines += [f"## {name}: {wall:.2f} ms wall, {busy:.2f} ms busy per step", "",
+                  f"| {what} | calls | ms | % |", "|---|---|---|---|"]
+        total = sum(ms for _, _, ms in rows) or 1.0
+        for key, calls, ms in rows[:TOP_KERNELS]:
+            lines.append(f"| `{key[:NAME_WIDTH]}` | {calls} | {ms:.3f} | {100 * ms / total:.1f} |")
+        lines.append("")
+    text = "\n".join(lines[:4] + summary + [""] + lines[4:])
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
