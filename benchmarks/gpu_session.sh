@@ -38,7 +38,7 @@
 #                compiled references; the timm ViT-S/16 step)
 #   5 smoke      100 ViT-S/16 steps fused, then --kernels reference,  60 s      54 s      71 s    150 s
 #                same seed
-#   6 profile    torch.profiler over 5 steps of each: the ViT-S/16     45 s         -         -     90 s
+#   6 profile    torch.profiler over 5 steps of each: the ViT-S/16     45 s   51 s (3rd run)    90 s
 #                train step fused / reference, the ViT-g/14 block at
 #                p=0.4 ours / timm DropPath / index path, ViT-S/16
 #                packed attention fwd+bwd ours / SDPA / varlen
@@ -57,7 +57,7 @@ cd "$(dirname "$0")/.."
 dry_run=0
 [ "${1:-}" = "--dry-run" ] && dry_run=1
 # A follow-up run on the same day may narrow the session: DK_TESTS (parity: test paths, default tests/), DK_BENCHES
-# (bench: benchmark paths, default benchmarks/), DK_SKIP (phases left out: "smoke", "profile", "sanitize").
+# (bench: benchmark paths, default benchmarks/), DK_SKIP (phases left out: "bench", "smoke", "profile", "sanitize").
 tests=${DK_TESTS:-tests/}
 benches=${DK_BENCHES:-benchmarks/}
 skip=${DK_SKIP:-}
@@ -211,7 +211,9 @@ else
 fi
 
 # ------------------------------------------------------------------------------------------------------ 4: bench
-if [ $dry_run = 1 ]; then
+if [[ " $skip " == *" bench "* ]]; then
+  skip_phase bench "DK_SKIP"
+elif [ $dry_run = 1 ]; then
   run_phase bench 240 "passed|failed|error" $py -m pytest $benches --benchmark-only -m session --dk-dry-run -q \
     -p no:cacheprovider --dk-results "$results"
 else

@@ -139,7 +139,8 @@ class Block(nn.Module):
         q_cls = F.linear(x.index_select(0, cls_rows), weight[:dim], bias[:dim]).unflatten(-1, (heads, -1))
         q = k.new_zeros(k.shape).index_copy_(0, cls_rows, q_cls)
         out = self.attn.attend(q, k, v, cu_seqlens, max_seqlen, groups).index_select(0, cls_rows)
-        return x.new_zeros(x.shape).index_copy_(0, cls_rows, self.attn.proj(out.flatten(-2)))
+        projected = self.attn.proj(out.flatten(-2))  # under autocast in its dtype, not in the norm's fp32
+        return projected.new_zeros(x.shape).index_copy_(0, cls_rows, projected)
 
     def _mlp_branch(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
         return self.mlp(self.norm2(x))

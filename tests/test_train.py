@@ -290,6 +290,24 @@ def test_fused_model_computes_the_reference_function(n_registers, layerscale, de
             assert rel_error(got, want) <= tolerance, name
 
 
+@pytest.mark.parametrize("device", ["cpu", cuda_param("cuda")])
+def test_fused_step_under_bf16_autocast_gives_the_reference_loss(tmp_path, device):
+    """--amp bf16 (the GPU presets' default): the fused step (a CLS-only last block, packed attention, the fused
+    loss) runs and gives the reference step's loss to bf16 rounding. Under autocast the block's norm is fp32 and
+    its projection bf16: a last block that mixed the two once broke every GPU training run."""
+    losses = []
+    for kernels in ("fused", "reference"):
+        torch.manual_seed(0)
+        trainer = train_mod.Trainer(*tiny_config(tmp_path / kernels, kernels=kernels, amp="bf16", device=device))
+        cfg, source = trainer.cfg, torch.Generator().manual_seed(1)
+        crops = [torch.randn(n * cfg.batch_size, 3, size, size, generator=source).to(trainer.device)
+                 for n, size in ((cfg.n_global_crops, cfg.global_size), (cfg.n_local_crops, cfg.local_size))]
+        with dino_kernels.backend("auto" if kernels == "fused" else "reference"):
+            losses.append(trainer.step_on_crops(crops, epoch=1).loss)
+    fused, reference = losses
+    assert math.isfinite(fused) and abs(fused - reference) <= TOLERANCE[torch.bfloat16] * abs(reference), losses
+
+
 def test_fused_trainer_takes_the_fused_optimizer(tmp_path):
     """--kernels fused steps with PyTorch's fused AdamW, --kernels reference with the default one (as DINO)."""
     fused = train_mod.Trainer(*tiny_config(tmp_path / "f", kernels="fused"))
