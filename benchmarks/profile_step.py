@@ -3,7 +3,8 @@
 The benchmarks say how long a step takes; this says which kernels make it up, so a GPU session brings back what the
 next change should aim at. For every case and provider it profiles ``--steps`` steps after two warm-up steps with
 ``torch.profiler`` and writes a markdown table: wall time per step, device-busy time per step (their gap is host
-time: launches, Python, syncs), and the top kernels by their own device time.
+time: launches, Python, syncs), the top kernels by their own device time, and the top host operators by their own
+CPU time (what fed the device, or kept it waiting).
 
     python -m benchmarks.profile_step --out profile.md                  # GPU: the session's cases
     python -m benchmarks.profile_step --dry-run --out profile.md        # CPU: tiny shapes, host time only
@@ -90,8 +91,9 @@ def _attention_cases(dry_run: bool, device: str) -> dict[str, tuple[str, Callabl
     return cases
 
 
-def _profile(step: Callable[[], object], steps: int, cuda: bool) -> tuple[float, list[tuple[str, int, float]], float]:
-    """(wall ms per step, [(kernel, calls per step, device ms per step)] by time, device-busy ms per step)."""
+def _profile(step: Callable[[], object], steps: int, cuda: bool) -> tuple[float, dict[str, list], float]:
+    """(wall ms per step, {"device": rows, "host": rows}, device-busy ms per step); a row is (name, calls per step,
+    ms per step), by time. Device rows: CUDA kernels and copies (own time); host rows: operators' own CPU time."""
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     for _ in range(2):
         step()
@@ -103,13 +105,15 @@ def _profile(step: Callable[[], object], steps: int, cuda: bool) -> tuple[float,
             step()
         sync()
         wall = (time.perf_counter() - start) * 1e3 / steps
-    rows = []
+    rows = {"device": [], "host": []}
     for event in prof.key_averages():
-        own = event.self_device_time_total if cuda else event.self_cpu_time_total
-        if own > 0 and (not cuda or event.device_type == torch.autograd.DeviceType.CUDA):
-            rows.append((event.key, round(event.count / steps), own / 1e3 / steps))
-    rows.sort(key=lambda row: -row[2])
-    busy = sum(row[2] for row in rows) if cuda else float("nan")
+        on_device = event.device_type == torch.autograd.DeviceType.CUDA
+        own = event.self_device_time_total if on_device else event.self_cpu_time_total
+        if own > 0:
+            rows["device" if on_device else "host"].append((event.key, round(event.count / steps), own / 1e3 / steps))
+    for kind in rows:
+        rows[kind].sort(key=lambda row: -row[2])
+    busy = sum(ms for _, _, ms in rows["device"]) if cuda else float("nan")
     return wall, rows, busy
 
 
@@ -121,24 +125,30 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.dry_run
     device = "cuda" if cuda else "cpu"
-    what = "device" if cuda else "host (CPU ops, self time)"
     lines = [f"# Step profiles on {torch.cuda.get_device_name() if cuda else 'CPU (dry run)'}, torch "
              f"{torch.__version__}", "",
              f"Per step, mean of {args.steps} profiled steps after 2 warm-up steps. 'busy': the sum of the device "
-             "kernels' own time; wall - busy is host time the device waited for (or overlapped).", ""]
+             "kernels' own time; wall - busy is host time the device waited for (or overlapped). 'host ops': the "
+             "operators' own CPU time (launches included); wall - host ops is Python between them, and idle "
+             "waits.", ""]
     cases = {**_train_step_cases(args.dry_run, device), **_sd_block_cases(args.dry_run, device),
              **_attention_cases(args.dry_run, device)}
-    summary = [f"| case | wall ms | busy ms | {'kernels' if cuda else 'host ops'} per step |", "|---|---|---|---|"]
+    summary = [f"| case | wall ms | busy ms | host ops ms | {'kernels' if cuda else 'host ops'} per step |",
+               "|---|---|---|---|---|"]
     for name, (backend, step) in cases.items():
         with dino_kernels.backend(backend):
             wall, rows, busy = _profile(step, args.steps, cuda)
-        summary.append(f"| {name} | {wall:.2f} | {busy:.2f} | {sum(calls for _, calls, _ in rows)} |")
-        lines += [f"## {name}: {wall:.2f} ms wall, {busy:.2f} ms busy per step", "",
-                  f"| {what} | calls | ms | % |", "|---|---|---|---|"]
-        total = sum(ms for _, _, ms in rows) or 1.0
-        for key, calls, ms in rows[:TOP_KERNELS]:
-            lines.append(f"| `{key[:NAME_WIDTH]}` | {calls} | {ms:.3f} | {100 * ms / total:.1f} |")
-        lines.append("")
+        launches = sum(calls for _, calls, _ in rows["device" if cuda else "host"])
+        host = sum(ms for _, _, ms in rows["host"])
+        summary.append(f"| {name} | {wall:.2f} | {busy:.2f} | {host:.2f} | {launches} |")
+        lines += [f"## {name}: {wall:.2f} ms wall, {busy:.2f} ms busy per step", ""]
+        # On a GPU both tables: the kernels the device ran, and the host operators that fed it (the wall - busy gap).
+        for kind in ("device", "host") if cuda else ("host",):
+            total = sum(ms for _, _, ms in rows[kind]) or 1.0
+            lines += [f"| {kind} (own time) | calls | ms | % |", "|---|---|---|---|"]
+            for key, calls, ms in rows[kind][:TOP_KERNELS]:
+                lines.append(f"| `{key[:NAME_WIDTH]}` | {calls} | {ms:.3f} | {100 * ms / total:.1f} |")
+            lines.append("")
     text = "\n".join(lines[:4] + summary + [""] + lines[4:])
     print(text)
     if args.out:

@@ -25,6 +25,12 @@ from dino_kernels._backend import device_guard
 
 LAUNCH_OPTIONS = ("num_warps", "num_stages")
 
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for grid sizes: plain integer arithmetic (``triton.cdiv`` is a constexpr function whose
+    Python call costs about 2 µs of host time, on every launch)."""
+    return -(-a // b)
+
 _recording: list[tuple[TritonKernel, dict[str, Any], dict[str, Any]]] | None = None
 
 
@@ -47,6 +53,11 @@ class TritonKernel:
         device = next(a.device for a in args.values() if isinstance(a, torch.Tensor))
         with device_guard(device):
             self.fn[grid](**args, **config)
+
+
+def recording_active() -> bool:
+    """Whether launches are being recorded (the AOT harness) rather than run: their outputs hold no values."""
+    return _recording is not None
 
 
 @contextmanager

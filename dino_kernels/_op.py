@@ -13,8 +13,10 @@ launcher) as the custom op ``dino_kernels::<name>`` for every device, with ``fak
 Both paths bump the version counter of the arguments named in ``mutates_args``, as any in-place op does, so that
 autograd refuses a saved tensor that was modified since (e.g. a second backward through a rescaled gradient).
 
-``setup_context(ctx, inputs, output)`` and ``backward(ctx, *grads)`` see the same ``ctx`` on both paths:
-``ctx.needs_input_grad`` has one entry per op argument, a list of bools for a ``list[Tensor]`` argument.
+``backward(ctx, *grads)`` sees the same ``ctx`` on both paths: ``ctx.needs_input_grad`` has one entry per op
+argument, a list of bools for a ``list[Tensor]`` argument; a ``list[Tensor]`` result's gradients come as one list.
+``setup_context`` of an op with list arguments must not index ``ctx.needs_input_grad``: the registered op's sees it
+flat, one entry per tensor (``requires_grad`` of the input says the same).
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ class KernelOp:
         self.impl, self.setup_context, self.backward = impl, setup_context, backward
         self.mutated = [i for i, name in enumerate(inspect.signature(impl).parameters) if name in mutates_args]
         self.op = torch.library.custom_op(f"dino_kernels::{name}", impl, mutates_args=mutates_args)
+        # A list[Tensor] result leaves the eager autograd.Function as a tuple and is made a list again.
+        returns = self.op._opoverload._schema.returns
+        self.returns_list = len(returns) == 1 and isinstance(returns[0].type, torch.ListType)
         self.op.register_fake(fake)
         if backward is not None:
             self.op.register_autograd(backward, setup_context=setup_context)
@@ -65,6 +70,8 @@ class KernelOp:
                 output = _Eager.apply(self, sizes, *flat)
             else:
                 output = _Eager.apply(self, None, *args)
+            if self.returns_list:
+                output = list(output)
         else:
             output = self.impl(*args)
         for i in self.mutated:
@@ -95,14 +102,15 @@ class _Eager(torch.autograd.Function):
         ctx.needs_input_grad = tuple(_regroup(needs[2:], sizes))
         op.setup_context(ctx, args, output)
         ctx.needs_input_grad = needs
-        return output
+        return tuple(output) if op.returns_list else output
 
     @staticmethod
     def backward(ctx, *grads: Any) -> Any:
         needs = ctx.needs_input_grad
         ctx.needs_input_grad = tuple(_regroup(needs[2:], ctx.sizes))
         try:
-            result = ctx.op.backward(ctx, *grads)
+            # A list result's gradients reach the formula as one list, as the registered op passes them.
+            result = ctx.op.backward(ctx, *((list(grads),) if ctx.op.returns_list else grads))
         finally:
             ctx.needs_input_grad = needs
         result = result if isinstance(result, tuple) else (result,)

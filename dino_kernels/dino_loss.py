@@ -39,7 +39,7 @@ from torch import nn
 from dino_kernels import reference
 from dino_kernels._backend import TRITON_DTYPES, accumulation_dtype, get_backend, resolve
 from dino_kernels._extension import ops
-from dino_kernels._launch import TritonKernel
+from dino_kernels._launch import TritonKernel, cdiv
 from dino_kernels._op import KernelOp, tracing
 from dino_kernels._validation import (
     FLOAT_DTYPES,
@@ -332,7 +332,7 @@ def _dino_loss_triton(student: torch.Tensor, teacher: torch.Tensor, center: torc
     if sk is not None:  # SK's scalings take the place of the softmax teacher's center, max and normaliser
         (center, row_max, inv_norm, entropy), mean = sk
     else:
-        n_slices = triton.cdiv(n_cols, stats_config["BLOCK_K"])
+        n_slices = cdiv(n_cols, stats_config["BLOCK_K"])
         partial_max64 = torch.empty((n_rows, n_slices), dtype=torch.float64, device=student.device)
         partial = torch.empty((5, n_rows, n_slices), **fp32)
         mean = torch.empty(n_cols, **fp32)
@@ -362,7 +362,7 @@ def _dino_loss_rescale_triton(grad: torch.Tensor, grad_output: torch.Tensor, sca
     n = grad.numel()
     if n:
         config = RESCALE.configs[0]
-        RESCALE.launch((triton.cdiv(n, config["BLOCK"]),), config, grad_ptr=grad,
+        RESCALE.launch((cdiv(n, config["BLOCK"]),), config, grad_ptr=grad,
                        grad_output_ptr=grad_output.to(torch.float32), scale=scale, n_elements=n)
 
 

@@ -36,7 +36,7 @@ import triton.language as tl
 from dino_kernels import reference
 from dino_kernels._backend import TRITON_DTYPES, accumulation_dtype, get_backend, resolve
 from dino_kernels._extension import ops
-from dino_kernels._launch import TritonKernel
+from dino_kernels._launch import TritonKernel, cdiv
 from dino_kernels._op import KernelOp
 from dino_kernels._validation import check_floating, check_ndim, check_positive
 
@@ -260,10 +260,10 @@ BACKWARD = TritonKernel(_koleo_backward_kernel, {"BLOCK_D": 512, "num_warps": 4}
 def _splits(n_rows: int) -> tuple[int, int, int]:
     """(row blocks, column splits, column blocks per split) of the neighbour search: every split non-empty."""
     config = NEIGHBOUR.configs[0]
-    row_blocks = triton.cdiv(n_rows, config["BLOCK_M"])
-    col_blocks = triton.cdiv(n_rows, config["BLOCK_N"])
-    per_split = triton.cdiv(col_blocks, max(1, min(col_blocks, _TARGET_PROGRAMS // row_blocks)))
-    return row_blocks, triton.cdiv(col_blocks, per_split), per_split
+    row_blocks = cdiv(n_rows, config["BLOCK_M"])
+    col_blocks = cdiv(n_rows, config["BLOCK_N"])
+    per_split = cdiv(col_blocks, max(1, min(col_blocks, _TARGET_PROGRAMS // row_blocks)))
+    return row_blocks, cdiv(col_blocks, per_split), per_split
 
 
 def _koleo_triton(x: torch.Tensor, eps: float) -> Outputs:
@@ -279,11 +279,11 @@ def _koleo_triton(x: torch.Tensor, eps: float) -> Outputs:
     neighbours = torch.empty(n_rows, dtype=torch.int64, device=x.device)
     distances = torch.empty(n_rows, **fp32)
     row_log = torch.empty(n_rows, **fp32)
-    NORMALISE.launch((triton.cdiv(n_rows, normalise_config["BLOCK_ROWS"]),), normalise_config, x_ptr=x,
+    NORMALISE.launch((cdiv(n_rows, normalise_config["BLOCK_ROWS"]),), normalise_config, x_ptr=x,
                      norms_ptr=norms, z_ptr=z, n_rows=n_rows, n_cols=n_cols, eps=eps)
     NEIGHBOUR.launch((row_blocks, n_splits), search_config, z_ptr=z, best_ptr=best, best_index_ptr=best_index,
                      n_rows=n_rows, n_cols=n_cols, n_splits=n_splits, blocks_per_split=per_split)
-    DISTANCE.launch((triton.cdiv(n_rows, distance_config["BLOCK_ROWS"]),), distance_config, z_ptr=z, best_ptr=best,
+    DISTANCE.launch((cdiv(n_rows, distance_config["BLOCK_ROWS"]),), distance_config, z_ptr=z, best_ptr=best,
                     best_index_ptr=best_index, neighbour_ptr=neighbours, distance_ptr=distances, row_log_ptr=row_log,
                     n_rows=n_rows, n_cols=n_cols, n_splits=n_splits, eps=eps, shift=_SHIFT)
     return -row_log.mean(), neighbours, norms, distances, z

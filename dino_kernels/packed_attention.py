@@ -5,7 +5,8 @@ Layout (flash-attn varlen): ``q, k, v`` are ``(T, H, D)`` with the sequences one
 ``cu_seqlens`` (int32, ``(N + 1,)``) holds the sequence boundaries and ``max_seqlen`` an upper bound of their
 lengths, a Python int, so that no launch needs a host sync.
 
-GPU (Triton, FlashAttention-2 style). One launch builds a block table on the device from ``cu_seqlens``: one entry
+GPU (Triton, FlashAttention-2 style). One launch builds a block table on the device from ``cu_seqlens``, once per
+cu_seqlens tensor and version (a step's blocks share one, forward and backward): one entry
 ``(sequence start, sequence end, block start)`` per ``BLOCK_M``-row block of every sequence, so blocks never straddle
 sequences and no program is spent on a block that does not exist (the grid is an upper bound of the block count
 known from shapes alone; spare programs find a zero entry and return). With ``BLOCK_M = 64`` a 37- or 50-token local
@@ -41,6 +42,7 @@ import warnings
 import torch
 import triton
 import triton.language as tl
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from dino_kernels import reference
 from dino_kernels._backend import (
@@ -51,7 +53,7 @@ from dino_kernels._backend import (
     triton_interpreting,
 )
 from dino_kernels._extension import ops
-from dino_kernels._launch import TritonKernel
+from dino_kernels._launch import TritonKernel, cdiv, recording_active
 from dino_kernels._op import KernelOp, tracing
 from dino_kernels._validation import FLOAT_DTYPES, check_ndim, check_positive, check_same_device, check_tensor
 
@@ -352,8 +354,8 @@ ATTN_BWD = TritonKernel(
 def _table_size(total_tokens: int, n_seqs: int, max_seqlen: int) -> int:
     """Upper bound of sum_s cdiv(n_s, BLOCK_M) from shapes alone: at most cdiv(max_seqlen, BLOCK_M) blocks per
     sequence, and, since cdiv(n, B) < n / B + 1 for every non-empty sequence, at most cdiv(T, B) + min(N, T)."""
-    per_sequence = n_seqs * triton.cdiv(max_seqlen, BLOCK_M)
-    return min(per_sequence, triton.cdiv(total_tokens, BLOCK_M) + min(n_seqs, total_tokens))
+    per_sequence = n_seqs * cdiv(max_seqlen, BLOCK_M)
+    return min(per_sequence, cdiv(total_tokens, BLOCK_M) + min(n_seqs, total_tokens))
 
 
 def _block_table_triton(cu_seqlens: torch.Tensor, total_tokens: int,
@@ -376,6 +378,29 @@ def _block_table_triton(cu_seqlens: torch.Tensor, total_tokens: int,
     return table, status
 
 
+# Block tables by cu_seqlens tensor. A training step passes the same cu_seqlens (cached by pack) to every block's
+# attention, forward and backward, and each build costs a launch, a device assert and two allocations of host time,
+# which at DINO's sizes is what the GPU waits for. An entry lives as long as its tensor (weak keys) and holds for one
+# version of it (every in-place PyTorch op bumps the version): a changed cu_seqlens gets a new table.
+_TABLES = WeakTensorKeyDictionary()
+
+
+def _block_table(cu_seqlens: torch.Tensor, total_tokens: int, max_seqlen: int) -> torch.Tensor:
+    """The block table of cu_seqlens, built once per (tensor, version, total_tokens, max_seqlen)."""
+    # Not cached: inference tensors (no version counter), recorded launches (no values), CUDA graph capture (the
+    # table would live in the graph's memory pool).
+    cacheable = not (cu_seqlens.is_inference() or recording_active()
+                     or (cu_seqlens.is_cuda and torch.cuda.is_current_stream_capturing()))
+    key = (cu_seqlens._version, total_tokens, max_seqlen) if cacheable else None
+    cached = _TABLES.get(cu_seqlens) if cacheable else None
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    table, _ = _block_table_triton(cu_seqlens, total_tokens, max_seqlen)
+    if cacheable:
+        _TABLES[cu_seqlens] = (key, table)
+    return table
+
+
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -393,7 +418,7 @@ def _attn_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     lse = torch.empty((heads, total), dtype=torch.float32, device=q.device)
     if total == 0:
         return out, lse
-    table, _ = _block_table_triton(cu_seqlens, total, max_seqlen)
+    table = _block_table(cu_seqlens, total, max_seqlen)
     ATTN_FWD.launch((table.shape[0], heads), _FWD_CONFIG[dim], Q=q, K=k, V=v, Out=out, LSE=lse, table=table,
                     stride_qt=q.stride(0), stride_qh=q.stride(1), stride_kt=k.stride(0), stride_kh=k.stride(1),
                     stride_vt=v.stride(0), stride_vh=v.stride(1), stride_ot=out.stride(0), stride_oh=out.stride(1),
@@ -411,7 +436,7 @@ def _attn_bwd_triton(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
     dq, dk, dv = (torch.empty((total, heads, dim), dtype=q.dtype, device=q.device) for _ in range(3))
     if total == 0:
         return dq, dk, dv
-    table, _ = _block_table_triton(cu_seqlens, total, max_seqlen)
+    table = _block_table(cu_seqlens, total, max_seqlen)
     ATTN_BWD.launch((table.shape[0], heads), _BWD_CONFIG[dim], Q=q, K=k, V=v, Out=out, DO=grad_out, DQ=dq, DK=dk,
                     DV=dv, LSE=lse.contiguous(), table=table, stride_qt=q.stride(0), stride_qh=q.stride(1),
                     stride_kt=k.stride(0), stride_kh=k.stride(1), stride_vt=v.stride(0), stride_vh=v.stride(1),
@@ -563,7 +588,8 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
             ``qkv.unbind(1)`` of a ``(T, 3, H, D)`` projection are read in place.
         cu_seqlens: int32 ``(N + 1,)`` on the same device, ``cu_seqlens[0] = 0``, non-decreasing,
             ``cu_seqlens[N] = T``: sequence ``i`` is tokens ``cu_seqlens[i]:cu_seqlens[i + 1]`` (see
-            :func:`~dino_kernels.pack`).
+            :func:`~dino_kernels.pack`). On GPU its block table is built once per tensor and version: change it
+            through PyTorch ops (which bump the version) or pass a new tensor, not through ``.data``.
         max_seqlen: a Python int bounding every sequence length (an upper bound is fine; no ``.item()``).
         scale: softmax scale, default ``D ** -0.5``.
 

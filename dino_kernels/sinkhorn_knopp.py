@@ -37,7 +37,7 @@ import triton.language as tl
 from dino_kernels import reference
 from dino_kernels._backend import TRITON_DTYPES, accumulation_dtype, get_backend, resolve
 from dino_kernels._extension import ops
-from dino_kernels._launch import TritonKernel
+from dino_kernels._launch import TritonKernel, cdiv
 from dino_kernels._op import KernelOp
 from dino_kernels._validation import FLOAT_DTYPES, check_floating, check_int, check_ndim, check_positive
 
@@ -196,7 +196,7 @@ def _column_pass_triton(teacher: torch.Tensor, targets: TeacherTargets, mean: to
                         write_mean: bool) -> None:
     n_rows, n_cols = teacher.shape
     config = COLUMN.configs[0]
-    COLUMN.launch((triton.cdiv(n_cols, config["BLOCK_K"]),), config, teacher_ptr=teacher,
+    COLUMN.launch((cdiv(n_cols, config["BLOCK_K"]),), config, teacher_ptr=teacher,
                   column_shift_ptr=targets.column_shift, row_max_ptr=targets.row_max,
                   row_inv_norm_ptr=targets.row_inv_norm, mean_ptr=mean, n_rows=n_rows, n_cols=n_cols,
                   teacher_temp=teacher_temp, inv_teacher_temp=1.0 / teacher_temp, inv_rows=1.0 / n_rows,
@@ -214,7 +214,7 @@ def _write_triton(teacher: torch.Tensor, targets: TeacherTargets, teacher_temp: 
     n_rows, n_cols = teacher.shape
     out = torch.empty((n_rows, n_cols), dtype=torch.float32, device=teacher.device)
     config = WRITE.configs[0]
-    WRITE.launch((n_rows, triton.cdiv(n_cols, config["BLOCK_K"])), config, teacher_ptr=teacher,
+    WRITE.launch((n_rows, cdiv(n_cols, config["BLOCK_K"])), config, teacher_ptr=teacher,
                  column_shift_ptr=targets.column_shift, row_max_ptr=targets.row_max,
                  row_inv_norm_ptr=targets.row_inv_norm, out_ptr=out, n_cols=n_cols,
                  inv_teacher_temp=1.0 / teacher_temp)

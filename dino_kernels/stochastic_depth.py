@@ -18,8 +18,9 @@ row width allows) and any row width works through masks.
   the forward of ``scaled_index_add`` and, without ``x``, the backward of ``index_select_cat``.
 
 Duplicate indices accumulate (xformers' and ``torch.index_add``'s semantics) without atomics: the launcher sorts
-the index once (stable, so the order of a row's contributions is fixed and results are deterministic) and builds
-CSR segments ``seg_start`` (B + 1,), ``seg_rows`` (k,); program ``b`` sums ``src`` over its segment. Unique
+the index (stable, so the order of a row's contributions is fixed and results are deterministic) and builds CSR
+segments ``seg_start`` (B + 1,), ``seg_rows`` (k,), once per index tensor and version (stochastic depth index-adds
+with one index in the forward and again in the backward); program ``b`` sums ``src`` over its segment. Unique
 indices, the stochastic-depth case, are the same path with segments of length 0 or 1, so they cost no extra pass.
 Out-of-range indices: the public functions raise an ``IndexError`` for CPU tensors (and for CUDA tensors with
 ``DINO_KERNELS_DEBUG=1``); on CUDA they otherwise assert on the device (``torch._assert_async``), since a host check
@@ -27,9 +28,11 @@ would sync every call. Inside the kernels such rows can never be reached anyway 
 segments only cover ``[0, B)``), so no read or write ever leaves the tensors, also under ``torch.compile`` where the
 value checks are skipped.
 
-Registration: ``dino_kernels::scaled_index_add``, ``::index_select_cat`` and their backward ops are
-:class:`~dino_kernels._op.KernelOp` s with fakes and autograd, which is what ``torch.compile`` sees; eager calls run
-the same functions without the custom-op wrapper's per-call cost.
+Registration: ``dino_kernels::scaled_index_add``, ``::index_select_cat``, ``::scaled_index_add_cat`` (the
+multi-crop form's residual add: every group's from the branch's packed output, so that autograd neither splits it
+nor concatenates its gradient) and their backward ops are :class:`~dino_kernels._op.KernelOp` s with fakes and
+autograd, which is what ``torch.compile`` sees; eager calls run the same functions without the custom-op wrapper's
+per-call cost.
 
 CPU (``auto`` and ``cpu`` on CPU tensors): the C++ twins of both kernels (``csrc/stochastic_depth.cpp``: the same
 contract, one pass per output row, duplicates summed in index order) for the index-add and every backward, and
@@ -48,11 +51,12 @@ from collections.abc import Callable, Sequence
 import torch
 import triton
 import triton.language as tl
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from dino_kernels import reference
 from dino_kernels._backend import DEBUG_ENV_VAR, TRITON_DTYPES, accumulation_dtype, debug_enabled, resolve
 from dino_kernels._extension import ops
-from dino_kernels._launch import TritonKernel
+from dino_kernels._launch import TritonKernel, cdiv
 from dino_kernels._op import KernelOp, tracing
 from dino_kernels._validation import check_float, check_floating, check_same_device, check_tensor
 from dino_kernels.packing import cu_seqlens_for
@@ -90,7 +94,7 @@ def _gather_rows_kernel(
     out,  # (n_out, M, D)
     scaling,  # fp32 (D,): LayerScale, read when HAS_SCALING
     other,  # (n_out, M, D): multiplied with the gathered rows for `partial`, read when WITH_PRODUCT
-    partial,  # fp32 (n_out * n_m_blocks, D): sum over each tile's rows of src[index[j]] * other[j]
+    partial,  # fp32 (n_out * n_m_blocks, D): alpha * sum over each tile's rows of src[index[j]] * other[j]
     alpha,
     n_src,
     M,
@@ -116,7 +120,8 @@ def _gather_rows_kernel(
     if WITH_PRODUCT:
         # Per-tile partial sums, reduced by one deterministic torch.sum afterwards (no float atomics).
         o = tl.load(other + j * row_numel + tile, mask=mask, other=0.0).to(tl.float32)
-        tl.store(partial + row_block.to(tl.int64) * D + offs_d, tl.sum(gathered * o, axis=0), mask=offs_d < D)
+        tl.store(partial + row_block.to(tl.int64) * D + offs_d, alpha * tl.sum(gathered * o, axis=0),
+                 mask=offs_d < D)
 
 
 GATHER = TritonKernel(_gather_rows_kernel, ROWS_CONFIG, FLAT_CONFIG)
@@ -172,7 +177,7 @@ def _tile_config(m: int) -> dict[str, int]:
 
 
 def _grid(rows: int, m: int, d: int, config: dict[str, int]) -> tuple[int, int, int]:
-    n_m_blocks, n_d_blocks = triton.cdiv(m, config["BLOCK_M"]), triton.cdiv(d, config["BLOCK_D"])
+    n_m_blocks, n_d_blocks = cdiv(m, config["BLOCK_M"]), cdiv(d, config["BLOCK_D"])
     return rows * n_m_blocks * n_d_blocks, n_m_blocks, n_d_blocks
 
 
@@ -187,12 +192,29 @@ def _identity(rows: int, device: torch.device) -> torch.Tensor:
     return _row_boundaries(rows, torch.int64, device)[:-1]
 
 
+# CSR segments by index tensor: stochastic depth index-adds with one kept-sample index twice, in the forward
+# (scaled_index_add) and in the backward of the gather (index_select_cat), and a sort plus a search cost host time
+# that the GPU waits for at DINO's sizes. An entry lives as long as its index (weak keys) and holds for one version
+# of it (every in-place PyTorch op bumps the version).
+_SEGMENTS = WeakTensorKeyDictionary()
+
+
 def _segments(index: torch.Tensor | None, rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """CSR form of ``index``: ``seg_rows`` lists the src rows sorted by target, ``seg_start[b]`` where row b's begin."""
+    """CSR form of ``index``: ``seg_rows`` lists the src rows sorted by target, ``seg_start[b]`` where row b's begin
+    (built once per index tensor, version and ``rows``)."""
     if index is None:  # the identity: row b is src row b
         return _row_boundaries(rows, torch.int64, device), _identity(rows, device)
+    # Not cached: inference tensors (no version counter), CUDA graph capture (the graph's memory pool).
+    cacheable = not (index.is_inference() or (index.is_cuda and torch.cuda.is_current_stream_capturing()))
+    key = (index._version, rows) if cacheable else None
+    cached = _SEGMENTS.get(index) if cacheable else None
+    if cached is not None and cached[0] == key:
+        return cached[1]
     targets, seg_rows = torch.sort(index, stable=True)
-    return torch.searchsorted(targets, _row_boundaries(rows, index.dtype, device)), seg_rows
+    segments = torch.searchsorted(targets, _row_boundaries(rows, index.dtype, device)), seg_rows
+    if cacheable:
+        _SEGMENTS[index] = (key, segments)
+    return segments
 
 
 @functools.lru_cache(maxsize=8)
@@ -212,7 +234,7 @@ def _scaling_fp32(scaling: torch.Tensor | None) -> torch.Tensor | None:
 def _gather_triton(src: torch.Tensor, index: torch.Tensor, out: torch.Tensor, alpha: float,
                    scaling: torch.Tensor | None, other: torch.Tensor | None) -> torch.Tensor | None:
     """``out[j] = alpha * scaling * src[index[j]]`` for rows of ``src.shape[1:]``; with ``other``, also returns the
-    fp32 (D,) sum over every row and token of ``src[index[j]] * other[j]`` (the gradient of ``scaling``)."""
+    fp32 (D,) sum over every row and token of ``alpha * src[index[j]] * other[j]`` (the gradient of ``scaling``)."""
     n, row_numel = index.shape[0], math.prod(src.shape[1:])
     if n == 0 or row_numel == 0:
         width = scaling.shape[0] if scaling is not None else 0
@@ -314,21 +336,31 @@ def _scaled_index_add_backward(grad: torch.Tensor, index: torch.Tensor | None, s
                                scaling: torch.Tensor | None, alpha: float,
                                need_scaling_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Grad of src (``alpha * scaling * grad[index]``) and of scaling ((0,) when not needed)."""
+    return _scaled_index_add_backward_into(None, grad, index, src, scaling, alpha, need_scaling_grad)
+
+
+def _scaled_index_add_backward_into(out: torch.Tensor | None, grad: torch.Tensor, index: torch.Tensor | None,
+                                    src: torch.Tensor, scaling: torch.Tensor | None, alpha: float,
+                                    need_scaling_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_scaled_index_add_backward` with the grad of src written into ``out`` (contiguous, src's shape) when
+    given: the Triton gather writes it there, the other paths copy."""
     impl = resolve(grad.device, "scaled_index_add", grad.dtype)
     no_scaling_grad = grad.new_empty(0)  # the op always returns two tensors
     if _runs_triton(impl, grad.dtype):
-        grad_src = torch.empty_like(src, memory_format=torch.contiguous_format)
+        grad_src = out if out is not None else torch.empty_like(src, memory_format=torch.contiguous_format)
         index = index if index is not None else _identity(grad.shape[0], grad.device)
-        product = _gather_triton(grad.contiguous(), index, grad_src, alpha, _scaling_fp32(scaling),
-                                 src.contiguous() if need_scaling_grad else None)
-        return grad_src, (alpha * product).to(scaling.dtype) if need_scaling_grad else no_scaling_grad
+        grad_scaling = _gather_triton(grad.contiguous(), index, grad_src, alpha, _scaling_fp32(scaling),
+                                      src.contiguous() if need_scaling_grad else None)
+        return grad_src, grad_scaling.to(scaling.dtype) if need_scaling_grad else no_scaling_grad
     if impl == "cpu":
         grad_src, product = _gather_cpu(grad, index, alpha, scaling, src if need_scaling_grad else None)
+        grad_src = grad_src if out is None else out.copy_(grad_src)
         return grad_src, (alpha * product).to(scaling.dtype) if need_scaling_grad else no_scaling_grad
     acc = accumulation_dtype(grad)
     rows = (grad if index is None else grad.index_select(0, index)).to(acc)
     factor = alpha if scaling is None else alpha * scaling.to(acc)
     grad_src = (rows * factor).to(src.dtype).contiguous()
+    grad_src = grad_src if out is None else out.copy_(grad_src)
     if not need_scaling_grad:
         return grad_src, no_scaling_grad
     grad_scaling = alpha * (rows * src.to(acc)).reshape(-1, scaling.shape[0]).sum(0)
@@ -374,6 +406,38 @@ def _index_select_cat_backward(grad: torch.Tensor, indices: list[torch.Tensor], 
             zeros = grad.new_zeros((rows, tokens, width), dtype=accumulation_dtype(grad))
             grads.append(zeros.index_add_(0, index, part.to(zeros.dtype)).to(grad.dtype))
     return grads
+
+
+def _group_rows(packed: torch.Tensor, groups: Sequence[torch.Tensor],
+                indices: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
+    """Each group's rows of the packed ``(sum_i k_i * M_i, D)`` tensor as ``(k_i, *groups[i].shape[1:])``, where
+    ``k_i`` is ``len(indices[i])`` (the group's batch size for None)."""
+    counts = [index.shape[0] if index is not None else group.shape[0] for group, index in zip(groups, indices)]
+    parts = packed.split([k * math.prod(group.shape[1:-1]) for group, k in zip(groups, counts)])
+    return [part.reshape(k, *group.shape[1:]) for part, group, k in zip(parts, groups, counts)]
+
+
+def _scaled_index_add_cat_forward(xs: list[torch.Tensor], indices: list[torch.Tensor | None], packed: torch.Tensor,
+                                  scaling: torch.Tensor | None, alphas: list[float]) -> list[torch.Tensor]:
+    """The inverse of index_select_cat: per group, ``xs[i]`` plus ``alphas[i] * scaling`` times its rows of
+    ``packed`` added at ``indices[i]`` (None: the identity). The residual add of multi-crop stochastic depth, taking
+    the branch's packed output as it is (no split and no concatenation of its gradient in autograd)."""
+    return [_scaled_index_add_forward(x, index, part, scaling, alpha)
+            for x, index, part, alpha in zip(xs, indices, _group_rows(packed, xs, indices), alphas)]
+
+
+def _scaled_index_add_cat_backward(grads: list[torch.Tensor], indices: list[torch.Tensor | None],
+                                   packed: torch.Tensor, scaling: torch.Tensor | None, alphas: list[float],
+                                   need_scaling_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grad of packed (each group's ``alpha * scaling * grad[index]``, written into its rows) and of scaling (the
+    sum over groups; (0,) when not needed)."""
+    grad_packed = torch.empty(packed.shape, dtype=packed.dtype, device=packed.device)
+    grad_scaling = None
+    for grad, index, src, alpha, out in zip(grads, indices, _group_rows(packed, grads, indices), alphas,
+                                            _group_rows(grad_packed, grads, indices)):
+        _, group_scaling = _scaled_index_add_backward_into(out, grad, index, src, scaling, alpha, need_scaling_grad)
+        grad_scaling = group_scaling if grad_scaling is None else grad_scaling + group_scaling
+    return grad_packed, grad_scaling if grad_scaling is not None else packed.new_empty(0)
 
 
 # ----------------------------------------------------------------------------------------------- registered op
@@ -450,6 +514,54 @@ def _index_select_cat_vjp(ctx, grad):
 
 _index_select_cat_op = KernelOp("index_select_cat", _index_select_cat_forward, fake=_index_select_cat_fake,
                                 setup_context=_index_select_cat_setup_context, backward=_index_select_cat_vjp)
+
+
+def _scaled_index_add_cat_backward_fake(grads: list[torch.Tensor], indices: list[torch.Tensor | None],
+                                        packed: torch.Tensor, scaling: torch.Tensor | None, alphas: list[float],
+                                        need_scaling_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    grad_scaling = scaling.new_empty(scaling.shape) if need_scaling_grad else packed.new_empty((0,))
+    return packed.new_empty(packed.shape), grad_scaling
+
+
+_scaled_index_add_cat_backward_op = KernelOp("scaled_index_add_cat_backward", _scaled_index_add_cat_backward,
+                                             fake=_scaled_index_add_cat_backward_fake)
+
+
+def _scaled_index_add_cat_fake(xs: list[torch.Tensor], indices: list[torch.Tensor | None], packed: torch.Tensor,
+                               scaling: torch.Tensor | None, alphas: list[float]) -> list[torch.Tensor]:
+    return [x.new_empty(x.shape) for x in xs]
+
+
+def _scaled_index_add_cat_setup_context(ctx, inputs, output) -> None:
+    xs, indices, packed, scaling, alphas = inputs
+    ctx.alphas = alphas
+    # Not ctx.needs_input_grad: with list arguments the registered op's setup sees it flat (one entry per tensor).
+    ctx.need_scaling_grad = scaling is not None and scaling.requires_grad
+    # packed is only needed for the gradient of scaling: do not keep the branch output alive otherwise.
+    ctx.save_for_backward(packed if ctx.need_scaling_grad else None, scaling, *indices)
+    ctx.packed_meta = (packed.shape, packed.dtype, packed.device)
+
+
+def _scaled_index_add_cat_vjp(ctx, grads):
+    """Gradients of (xs, indices, packed, scaling, alphas): every x's is its output's."""
+    packed, scaling, *indices = ctx.saved_tensors
+    grad_packed = grad_scaling = None
+    if ctx.needs_input_grad[2] or ctx.need_scaling_grad:
+        if packed is None:  # a (0-stride) stand-in with packed's metadata: the kernels never read it
+            shape, dtype, device = ctx.packed_meta
+            packed = torch.empty((), dtype=dtype, device=device).expand(shape)
+        grad_packed, grad_scaling = _scaled_index_add_cat_backward_op(list(grads), indices, packed, scaling,
+                                                                      ctx.alphas, ctx.need_scaling_grad)
+    # None for the indices: one None for a list that holds a None (the registered op's autograd takes such a list
+    # as one input), one per index otherwise.
+    no_index_grads = None if any(index is None for index in indices) else [None] * len(indices)
+    return (list(grads), no_index_grads, grad_packed if ctx.needs_input_grad[2] else None,
+            grad_scaling if ctx.need_scaling_grad else None, None)
+
+
+_scaled_index_add_cat_op = KernelOp("scaled_index_add_cat", _scaled_index_add_cat_forward,
+                                    fake=_scaled_index_add_cat_fake, setup_context=_scaled_index_add_cat_setup_context,
+                                    backward=_scaled_index_add_cat_vjp)
 
 
 # ------------------------------------------------------------------------------------------------- public API
@@ -612,9 +724,8 @@ def _drop_add_residual_list(xs, branch, drop_rate, training, generator, scaling)
     lengths = tuple((keep, x.shape[1]) for x, (_, keep) in zip(xs, drawn))
     residual = branch(packed, *cu_seqlens_for(lengths, packed.device))
     residual = _check_residual(residual, tuple(packed.shape), "packed tensor")
-    parts = residual.split([keep * tokens for keep, tokens in lengths])
-    return [_scaled_index_add_op(x, kept, part.reshape(keep, *x.shape[1:]).to(x.dtype), scaling, x.shape[0] / keep)
-            for x, (kept, keep), part in zip(xs, drawn, parts)]
+    return _scaled_index_add_cat_op(xs, [kept for kept, _ in drawn], residual.to(xs[0].dtype), scaling,
+                                    [x.shape[0] / keep for x, (_, keep) in zip(xs, drawn)])
 
 
 def drop_add_residual(

@@ -615,3 +615,33 @@ def test_torch_compile_fullgraph(backend):
         (compiled_grad,) = torch.autograd.grad(compiled.square().sum(), x)
     assert rel_error(compiled, eager) <= 1e-6
     assert rel_error(compiled_grad, eager_grad) <= 1e-6
+
+
+@requires_interpreter
+def test_block_table_is_built_once_per_cu_seqlens_version(monkeypatch):
+    """The Triton path builds a cu_seqlens tensor's block table once (every block of a step passes the same one,
+    forward and backward) and builds it again after an in-place change of the tensor, or for another tensor: the
+    results always follow the current boundaries."""
+    builds = []
+    build = pa._block_table_triton
+    monkeypatch.setattr(pa, "_block_table_triton", lambda *args: builds.append(args[0].tolist()) or build(*args))
+    q, k, v, cu = _inputs([3, 5, 4], heads=2, dim=16, dtype=torch.float32)
+    grad_out = torch.randn_like(q)
+
+    def check(cu):
+        with dino_kernels.backend("triton"):
+            out = dino_kernels.packed_attention(q, k, v, cu, max_seqlen=9)
+            grads = torch.autograd.grad(out, (q, k, v), grad_out)
+        expected, expected_grads = _expected(q, k, v, cu, grad_out)
+        _assert_close(out, expected, torch.float32, "out")
+        for got, want, name in zip(grads, expected_grads, "qkv"):
+            _assert_close(got, want, torch.float32, f"d{name}")
+
+    check(cu)
+    check(cu)
+    assert builds == [[0, 3, 8, 12]]  # one build for two forwards and two backwards
+    cu.copy_(_cu([9, 1, 2]))  # in place: a new version of the same tensor
+    check(cu)
+    assert builds[1:] == [[0, 9, 10, 12]]
+    check(_cu([9, 1, 2]))  # an equal but distinct tensor: its own table
+    assert len(builds) == 3

@@ -593,8 +593,8 @@ def test_triton_launchers_write_only_their_output(device, with_scaling, shape, r
     product = stochastic_depth._gather_triton(x, index, gathered, 1.5, scaling, src if with_scaling else None)
     assert rel_error(gathered, 1.5 * x.double()[index] * factor) <= TOLERANCE[torch.float32]
     _assert_only_view_changed(gathered, buffer, before)
-    if with_scaling:  # the gradient of the LayerScale: sum over rows and tokens of x[index] * src
-        expected_product = (x.double()[index] * src.double()).reshape(-1, shape[-1]).sum(0)
+    if with_scaling:  # the gradient of the LayerScale: sum over rows and tokens of alpha * x[index] * src
+        expected_product = 1.5 * (x.double()[index] * src.double()).reshape(-1, shape[-1]).sum(0)
         assert rel_error(product, expected_product) <= TOLERANCE[torch.float32]
 
 
@@ -614,6 +614,14 @@ def test_opcheck(backend):
         (ops.scaled_index_add_backward.default, (grad, None, torch.randn(5, 3, 4), None, 1.0, False)),
         (ops.index_select_cat.default, (xs, indices)),
         (ops.index_select_cat_backward.default, (torch.randn(9, 4), indices, [4, 3], [2, 5])),
+        # The multi-crop residual add, one group subsampled and one whole (None), with and without LayerScale.
+        (ops.scaled_index_add_cat.default, ([x.detach().requires_grad_() for x in xs], [indices[0], None],
+                                            torch.randn(19, 4, requires_grad=True), scaling, [2.0, 1.0])),
+        (ops.scaled_index_add_cat.default, ([x.detach() for x in xs], [None, indices[1]],
+                                            torch.randn(13, 4, requires_grad=True), None, [1.0, 3.0])),
+        (ops.scaled_index_add_cat_backward.default, ([torch.randn(4, 2, 4), torch.randn(3, 5, 4)],
+                                                     [indices[0], None], torch.randn(19, 4), scaling.detach(),
+                                                     [2.0, 1.0], True)),
     ]
     with dino_kernels.backend(backend):
         for op, args in cases:
@@ -640,6 +648,35 @@ def test_registered_ops_match_the_eager_path(backend):
     (eager, eager_grads), (registered, registered_grads) = results
     assert torch.equal(eager, registered)
     for a, b in zip(eager_grads, registered_grads):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_multi_crop_residual_add_registered_and_compiled(backend):
+    """The multi-crop form's residual add (one op over every group, from the packed branch output): the registered
+    op gives the eager path's values and gradients, and drop_add_residual on crop groups compiles to the same."""
+    xs = [torch.randn(5, 3, 4, requires_grad=True), torch.randn(4, 2, 4, requires_grad=True)]
+    indices = [torch.tensor([4, 0, 1]), None]
+    packed = torch.randn(3 * 3 + 4 * 2, 4, requires_grad=True)
+    scaling = torch.randn(4, requires_grad=True)
+    grad_outputs = [torch.randn_like(x) for x in xs]
+    with dino_kernels.backend(backend):
+        results = []
+        for add in (stochastic_depth._scaled_index_add_cat_op, torch.ops.dino_kernels.scaled_index_add_cat):
+            outs = add(xs, indices, packed, scaling, [5 / 3, 1.0])
+            results.append((outs, torch.autograd.grad(outs, [*xs, packed, scaling], grad_outputs)))
+        (eager, eager_grads), (registered, registered_grads) = results
+        for a, b in zip([*eager, *eager_grads], [*registered, *registered_grads]):
+            assert torch.equal(a, b)
+
+        branch = lambda packed, cu_seqlens, max_seqlen: packed * 2  # noqa: E731
+        compiled = torch.compile(dino_kernels.drop_add_residual, backend="aot_eager")
+        outs = compiled(xs, branch, 0.5, generator=torch.Generator().manual_seed(4), scaling=scaling)
+        expected = dino_kernels.drop_add_residual(xs, branch, 0.5, generator=torch.Generator().manual_seed(4),
+                                                  scaling=scaling)
+        grads = torch.autograd.grad(outs, [*xs, scaling], grad_outputs)
+        expected_grads = torch.autograd.grad(expected, [*xs, scaling], grad_outputs)
+    for a, b in zip([*outs, *grads], [*expected, *expected_grads]):
         assert torch.equal(a, b)
 
 
@@ -679,3 +716,28 @@ def test_aot_examples_cover_every_launch():
     assert stochastic_depth._tile_config(257) is stochastic_depth.ROWS_CONFIG
     assert stochastic_depth._row_shape(257 * 1536, None) == (257 * 3, 512)
     assert stochastic_depth._row_shape(50 * 1024, 1024) == (50, 1024)
+
+
+@requires_interpreter
+def test_index_segments_are_built_once_per_index_version(monkeypatch):
+    """The Triton index-add sorts an index tensor once (stochastic depth index-adds with one kept-sample index in the
+    forward and again in the backward of its gather) and again after an in-place change of that index: results
+    follow the current values, duplicates included."""
+    sorts = []
+    sort = torch.sort
+    monkeypatch.setattr(torch, "sort", lambda *args, **kwargs: sorts.append(1) or sort(*args, **kwargs))
+    x, src = torch.randn(6, 3, 8), torch.randn(4, 3, 8)
+    index = torch.tensor([4, 1, 4, 0])
+
+    def check():
+        with dino_kernels.backend("triton"):
+            out = dino_kernels.scaled_index_add(x, index, src, alpha=1.5)
+        expected = x.double().index_add(0, index, src.double(), alpha=1.5)
+        assert rel_error(out, expected) <= TOLERANCE[torch.float32]
+
+    check()
+    check()
+    assert len(sorts) == 1
+    index.copy_(torch.tensor([2, 2, 5, 3]))  # in place: a new version
+    check()
+    assert len(sorts) == 2
