@@ -31,7 +31,10 @@ def cu_seqlens_for(shapes: tuple[tuple[int, int], ...], device: torch.device) ->
     crops the same way."""
     lengths = [n for b, n in shapes for _ in range(b)]
     bounds = [0, *itertools.accumulate(lengths)]  # on the host: no tensor round trip (a graph break under dynamo)
-    return torch.tensor(bounds, dtype=torch.int32).to(device), max(n for _, n in shapes)
+    # A cached tensor outlives the caller's mode: made under inference_mode it would be an inference tensor, which
+    # autograd cannot save, and a later training step with these shapes would fail.
+    with torch.inference_mode(False):
+        return torch.tensor(bounds, dtype=torch.int32).to(device), max(n for _, n in shapes)
 
 
 def pack(xs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -183,8 +183,10 @@ def _grid(rows: int, m: int, d: int, config: dict[str, int]) -> tuple[int, int, 
 
 @functools.lru_cache(maxsize=64)
 def _row_boundaries(rows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``arange(rows + 1)``, built once per (rows, dtype, device): no per-call work in a training loop."""
-    return torch.arange(rows + 1, dtype=dtype, device=device)
+    """``arange(rows + 1)``, built once per (rows, dtype, device): no per-call work in a training loop (never an
+    inference tensor, which autograd could not save as the identity index, whatever mode first asks for it)."""
+    with torch.inference_mode(False):
+        return torch.arange(rows + 1, dtype=dtype, device=device)
 
 
 def _identity(rows: int, device: torch.device) -> torch.Tensor:

@@ -741,3 +741,30 @@ def test_index_segments_are_built_once_per_index_version(monkeypatch):
     index.copy_(torch.tensor([2, 2, 5, 3]))  # in place: a new version
     check()
     assert len(sorts) == 2
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_training_after_inference_mode_with_the_same_shapes(backend):
+    """pack() and drop_add_residual cache cu_seqlens and the identity index per shapes: first made under
+    torch.inference_mode (an evaluation before training), they must still be tensors that a later training step's
+    autograd can save."""
+    xs = [torch.randn(3, 5, 32), torch.randn(4, 2, 32)]
+
+    def branch(packed, cu_seqlens, max_seqlen):
+        q = packed.view(-1, 2, 16)
+        return dino_kernels.packed_attention(q, q, q, cu_seqlens, max_seqlen).view(-1, 32)
+
+    with dino_kernels.backend(backend):
+        with torch.inference_mode():
+            dino_kernels.pack(xs)
+            dino_kernels.drop_add_residual(xs, branch, 0.0, training=False)
+        leaves = [x.clone().requires_grad_() for x in xs]
+        outs = dino_kernels.drop_add_residual(leaves, branch, 0.0, training=False)
+        grads = torch.autograd.grad(outs, leaves, [torch.ones_like(x) for x in xs])
+    expected = reference.drop_add_residual([x.double().requires_grad_() for x in xs],
+                                           lambda packed, cu, n: reference.packed_attention(
+                                               packed.view(-1, 2, 16), packed.view(-1, 2, 16), packed.view(-1, 2, 16),
+                                               cu).view(-1, 32), 0.0, training=False)
+    for out, want in zip(outs, expected):
+        assert rel_error(out, want) <= TOLERANCE[torch.float32]
+    assert all(torch.isfinite(g).all() for g in grads)
