@@ -15,11 +15,12 @@ change to the kernel and to its launch, and nothing else.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from dino_kernels._backend import device_guard
 
@@ -30,6 +31,7 @@ def cdiv(a: int, b: int) -> int:
     """``ceil(a / b)`` for grid sizes: plain integer arithmetic (``triton.cdiv`` is a constexpr function whose
     Python call costs about 2 µs of host time, on every launch)."""
     return -(-a // b)
+
 
 _recording: list[tuple[TritonKernel, dict[str, Any], dict[str, Any]]] | None = None
 
@@ -58,6 +60,30 @@ class TritonKernel:
 def recording_active() -> bool:
     """Whether launches are being recorded (the AOT harness) rather than run: their outputs hold no values."""
     return _recording is not None
+
+
+class DerivedTensors:
+    """Launch inputs derived from a tensor (a block table from cu_seqlens, CSR segments from an index), built once
+    per tensor and version: an entry lives as long as its tensor (weak keys), and every in-place PyTorch op on the
+    tensor bumps its version, so a changed tensor gets a new entry. A training step derives the same ones in every
+    block, forward and backward, and each build costs host time that the GPU waits for at DINO's sizes."""
+
+    def __init__(self) -> None:
+        self._entries = WeakTensorKeyDictionary()
+
+    def get(self, tensor: torch.Tensor, key: tuple, build: Callable[[], Any]) -> Any:
+        """``build()``, or what it returned for ``tensor`` at its current version and the same ``key``."""
+        # Built every time: inference tensors (no version counter), recorded launches (their outputs hold no
+        # values), CUDA graph capture (the result would live in the graph's memory pool).
+        if (tensor.is_inference() or recording_active()
+                or (tensor.is_cuda and torch.cuda.is_current_stream_capturing())):
+            return build()
+        key = (tensor._version, *key)
+        entry = self._entries.get(tensor)
+        if entry is None or entry[0] != key:
+            entry = key, build()
+            self._entries[tensor] = entry
+        return entry[1]
 
 
 @contextmanager

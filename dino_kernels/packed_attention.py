@@ -42,7 +42,6 @@ import warnings
 import torch
 import triton
 import triton.language as tl
-from torch.utils.weak import WeakTensorKeyDictionary
 
 from dino_kernels import reference
 from dino_kernels._backend import (
@@ -53,7 +52,7 @@ from dino_kernels._backend import (
     triton_interpreting,
 )
 from dino_kernels._extension import ops
-from dino_kernels._launch import TritonKernel, cdiv, recording_active
+from dino_kernels._launch import DerivedTensors, TritonKernel, cdiv
 from dino_kernels._op import KernelOp, tracing
 from dino_kernels._validation import FLOAT_DTYPES, check_ndim, check_positive, check_same_device, check_tensor
 
@@ -378,27 +377,15 @@ def _block_table_triton(cu_seqlens: torch.Tensor, total_tokens: int,
     return table, status
 
 
-# Block tables by cu_seqlens tensor. A training step passes the same cu_seqlens (cached by pack) to every block's
-# attention, forward and backward, and each build costs a launch, a device assert and two allocations of host time,
-# which at DINO's sizes is what the GPU waits for. An entry lives as long as its tensor (weak keys) and holds for one
-# version of it (every in-place PyTorch op bumps the version): a changed cu_seqlens gets a new table.
-_TABLES = WeakTensorKeyDictionary()
+# Block tables by cu_seqlens tensor: a training step passes the same cu_seqlens (cached by pack) to every block's
+# attention, forward and backward.
+_TABLES = DerivedTensors()
 
 
 def _block_table(cu_seqlens: torch.Tensor, total_tokens: int, max_seqlen: int) -> torch.Tensor:
     """The block table of cu_seqlens, built once per (tensor, version, total_tokens, max_seqlen)."""
-    # Not cached: inference tensors (no version counter), recorded launches (no values), CUDA graph capture (the
-    # table would live in the graph's memory pool).
-    cacheable = not (cu_seqlens.is_inference() or recording_active()
-                     or (cu_seqlens.is_cuda and torch.cuda.is_current_stream_capturing()))
-    key = (cu_seqlens._version, total_tokens, max_seqlen) if cacheable else None
-    cached = _TABLES.get(cu_seqlens) if cacheable else None
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    table, _ = _block_table_triton(cu_seqlens, total_tokens, max_seqlen)
-    if cacheable:
-        _TABLES[cu_seqlens] = (key, table)
-    return table
+    return _TABLES.get(cu_seqlens, (total_tokens, max_seqlen),
+                       lambda: _block_table_triton(cu_seqlens, total_tokens, max_seqlen)[0])
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:

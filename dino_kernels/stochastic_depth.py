@@ -51,12 +51,11 @@ from collections.abc import Callable, Sequence
 import torch
 import triton
 import triton.language as tl
-from torch.utils.weak import WeakTensorKeyDictionary
 
 from dino_kernels import reference
 from dino_kernels._backend import DEBUG_ENV_VAR, TRITON_DTYPES, accumulation_dtype, debug_enabled, resolve
 from dino_kernels._extension import ops
-from dino_kernels._launch import TritonKernel, cdiv
+from dino_kernels._launch import DerivedTensors, TritonKernel, cdiv
 from dino_kernels._op import KernelOp, tracing
 from dino_kernels._validation import check_float, check_floating, check_same_device, check_tensor
 from dino_kernels.packing import cu_seqlens_for
@@ -195,10 +194,13 @@ def _identity(rows: int, device: torch.device) -> torch.Tensor:
 
 
 # CSR segments by index tensor: stochastic depth index-adds with one kept-sample index twice, in the forward
-# (scaled_index_add) and in the backward of the gather (index_select_cat), and a sort plus a search cost host time
-# that the GPU waits for at DINO's sizes. An entry lives as long as its index (weak keys) and holds for one version
-# of it (every in-place PyTorch op bumps the version).
-_SEGMENTS = WeakTensorKeyDictionary()
+# (scaled_index_add) and in the backward of the gather (index_select_cat).
+_SEGMENTS = DerivedTensors()
+
+
+def _sorted_segments(index: torch.Tensor, rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    targets, seg_rows = torch.sort(index, stable=True)
+    return torch.searchsorted(targets, _row_boundaries(rows, index.dtype, device)), seg_rows
 
 
 def _segments(index: torch.Tensor | None, rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,17 +208,7 @@ def _segments(index: torch.Tensor | None, rows: int, device: torch.device) -> tu
     (built once per index tensor, version and ``rows``)."""
     if index is None:  # the identity: row b is src row b
         return _row_boundaries(rows, torch.int64, device), _identity(rows, device)
-    # Not cached: inference tensors (no version counter), CUDA graph capture (the graph's memory pool).
-    cacheable = not (index.is_inference() or (index.is_cuda and torch.cuda.is_current_stream_capturing()))
-    key = (index._version, rows) if cacheable else None
-    cached = _SEGMENTS.get(index) if cacheable else None
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    targets, seg_rows = torch.sort(index, stable=True)
-    segments = torch.searchsorted(targets, _row_boundaries(rows, index.dtype, device)), seg_rows
-    if cacheable:
-        _SEGMENTS[index] = (key, segments)
-    return segments
+    return _SEGMENTS.get(index, (rows,), lambda: _sorted_segments(index, rows, device))
 
 
 @functools.lru_cache(maxsize=8)
