@@ -126,6 +126,13 @@ def clip_gradients_(model: torch.nn.Module, clip: float) -> None:
         return
     norms = torch.stack(torch._foreach_norm(grads))
     factors = (clip / (norms + 1e-6)).clamp_(max=1.0)
+    if factors.device.type == "cpu":
+        # Reading the factors costs no device sync here: scale only the gradients whose factor is not exactly 1
+        # (usually none; g * 1.0 is g, and a NaN factor still scales), a pass over every gradient less per step.
+        clipped = [(g, f) for g, f in zip(grads, factors.tolist()) if f != 1.0]
+        if clipped:
+            torch._foreach_mul_([g for g, _ in clipped], [f for _, f in clipped])
+        return
     torch._foreach_mul_(grads, list(factors.unbind()))
 
 

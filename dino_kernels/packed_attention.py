@@ -518,6 +518,11 @@ _packed_attention_fwd_op = KernelOp("packed_attention_fwd", _packed_attention_fo
 
 
 # ------------------------------------------------------------------------------------------------- public API
+# cu_seqlens tensors whose values passed the check, by version: a step's blocks all pass the same one (on CPU the
+# check, a copy to Python and a loop over its N sequences, cost as long as a small block's attention kernel).
+_CHECKED = DerivedTensors()
+
+
 def _check_cu_seqlens_values(cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> None:
     bounds = cu_seqlens.tolist()
     if bounds[0] != 0:
@@ -563,7 +568,7 @@ def _check_inputs(q, k, v, cu_seqlens, max_seqlen) -> None:
     # block table asserts on the device; never while tracing, where tensors have no values (the kernels' own guards
     # remain).
     if not tracing(q) and (q.device.type == "cpu" or get_backend() == "reference" or debug_enabled()):
-        _check_cu_seqlens_values(cu_seqlens, total, max_seqlen)
+        _CHECKED.get(cu_seqlens, (total, max_seqlen), lambda: _check_cu_seqlens_values(cu_seqlens, total, max_seqlen))
 
 
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
@@ -583,8 +588,8 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     Returns:
         ``(T, H, D)`` in the dtype of ``q``: ``softmax(q_s k_s^T * scale) v_s`` for each sequence ``s``.
         Differentiable in ``q``, ``k``, ``v``. Under autocast the inputs are cast to the autocast dtype, as for
-        ``scaled_dot_product_attention``. Values of ``cu_seqlens`` are checked on CPU always and on CUDA when
-        ``DINO_KERNELS_DEBUG=1`` (else a device-side assert guards the kernels).
+        ``scaled_dot_product_attention``. Values of ``cu_seqlens`` are checked (once per tensor and version) on CPU
+        always and on CUDA when ``DINO_KERNELS_DEBUG=1`` (else a device-side assert guards the kernels).
     """
     _check_inputs(q, k, v, cu_seqlens, max_seqlen)
     scale = q.shape[-1] ** -0.5 if scale is None else scale

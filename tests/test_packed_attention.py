@@ -617,6 +617,25 @@ def test_torch_compile_fullgraph(backend):
     assert rel_error(compiled_grad, eager_grad) <= 1e-6
 
 
+def test_cu_seqlens_values_are_checked_once_per_version(monkeypatch):
+    """The CPU path checks a cu_seqlens tensor's values once (a step's blocks pass the same one), again after an
+    in-place change, which it then refuses if the values are bad, and for another tensor or max_seqlen."""
+    checks = []
+    check = pa._check_cu_seqlens_values
+    monkeypatch.setattr(pa, "_check_cu_seqlens_values",
+                        lambda cu, *args: checks.append(cu.tolist()) or check(cu, *args))
+    q, k, v, cu = _inputs([3, 5, 4], heads=2, dim=16, dtype=torch.float32)
+    for _ in range(2):
+        dino_kernels.packed_attention(q, k, v, cu, max_seqlen=5)
+    assert checks == [[0, 3, 8, 12]]
+    dino_kernels.packed_attention(q, k, v, cu, max_seqlen=6)
+    dino_kernels.packed_attention(q, k, v, cu.clone(), max_seqlen=5)
+    assert len(checks) == 3
+    cu.copy_(_cu([9, 1, 2]))  # in place: a new version, whose longest sequence max_seqlen no longer bounds
+    with pytest.raises(ValueError, match="max_seqlen must bound every sequence length"):
+        dino_kernels.packed_attention(q, k, v, cu, max_seqlen=5)
+
+
 @requires_interpreter
 def test_block_table_is_built_once_per_cu_seqlens_version(monkeypatch):
     """The Triton path builds a cu_seqlens tensor's block table once (every block of a step passes the same one,

@@ -351,6 +351,23 @@ def test_param_groups_and_per_tensor_clip():
             assert p.grad.norm().item() == pytest.approx(3.0, rel=1e-4)
 
 
+@pytest.mark.parametrize("device", ["cpu", cuda_param("cuda")])
+def test_per_tensor_clip_scales_exactly_the_gradients_over_the_limit(device):
+    """A gradient under the limit is left bit for bit (on CPU it is not even multiplied by 1), one over it gets the
+    factor clip / (norm + 1e-6), and a non-finite one stays non-finite."""
+    torch.manual_seed(0)
+    model = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(n, device=device)) for n in (7, 300, 5, 64)])
+    grads = [torch.randn(7, device=device) * 10, torch.randn(300, device=device) * 1e-3,
+             torch.full((5,), float("nan"), device=device), torch.randn(64, device=device) * 0.2]
+    for p, g in zip(model, grads):
+        p.grad = g.clone()
+    train_mod.clip_gradients_(model, 3.0)
+    factor = (3.0 / (grads[0].norm() + 1e-6)).clamp(max=1.0)
+    assert torch.equal(model[0].grad, grads[0] * factor) and model[0].grad.norm().item() == pytest.approx(3.0)
+    assert torch.equal(model[1].grad, grads[1]) and torch.equal(model[3].grad, grads[3])
+    assert model[2].grad.isnan().all()
+
+
 def test_collapse_warnings():
     ln_k = math.log(256)
     assert "uniform" in train_mod.collapse_warning(3, 0.97 * ln_k, ln_k)
@@ -783,7 +800,7 @@ def test_trainer_passes_its_config_on(tmp_path, monkeypatch):
     trainer = train_mod.Trainer(cfg, values)
     assert trainer.data.train[0][0].shape == trainer.data.knn_test[0][0].shape == (3, 28, 28)
     assert trainer.loader.batch_size == 100 and trainer.iters_per_epoch == len(trainer.data.train) // 100
-    assert trainer.loader.num_workers == cfg.num_workers == 0  # the preset's is 1
+    assert trainer.loader.num_workers == cfg.num_workers == 0
     augmentation_options = ("global_size", "local_size", "n_local_crops", "global_scale", "local_scale", "blur_sigma",
                             "hflip_p", "n_global_crops", "color_jitter_p", "grayscale_p", "solarize_p", "blur")
     assert {name: tuple(v) if isinstance(v, list) else v for name, v in recorded["augmentation"].items()} == {

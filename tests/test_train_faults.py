@@ -26,18 +26,18 @@ import torch
 from PIL import Image
 
 from dino.checkpoint import FILENAME, load_checkpoint
-from dino.config import PRESETS, resolve_config
+from dino.config import resolve_config
 from dino.data import build_datasets, load_digits_arrays
 from dino.train import Trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPOCHS = 4
 IMAGES_PER_CLASS = 30  # 300 images: 210 train (13 steps of 16 per epoch), 90 for the k-NN evaluation
-# A tiny ViT on the cpu-tiny preset, which keeps its default worker count: --num-workers is deliberately not given.
-TINY_ARGS = ["--preset", "cpu-tiny", "--device", "cpu", "--embed-dim", "32", "--depth", "2", "--num-heads", "2",
-             "--batch-size", "16", "--n-local-crops", "2", "--out-dim", "64", "--head-hidden-dim", "64",
-             "--head-bottleneck-dim", "32", "--epochs", str(EPOCHS), "--warmup-epochs", "1", "--eval-every", "2",
-             "--drop-path-rate", "0.2"]
+# A tiny ViT on the cpu-tiny preset, with a DataLoader worker (the preset has none: its digits are in memory).
+TINY_ARGS = ["--preset", "cpu-tiny", "--device", "cpu", "--num-workers", "1", "--embed-dim", "32", "--depth", "2",
+             "--num-heads", "2", "--batch-size", "16", "--n-local-crops", "2", "--out-dim", "64",
+             "--head-hidden-dim", "64", "--head-bottleneck-dim", "32", "--epochs", str(EPOCHS), "--warmup-epochs", "1",
+             "--eval-every", "2", "--drop-path-rate", "0.2"]
 # Metrics that measure the machine, not the run.
 TIMING_METRICS = {"img_per_s", "epoch_seconds", "peak_mem_mb"}
 RUN_TIMEOUT_S = 300
@@ -147,7 +147,7 @@ def straight_run(digits_folder, tmp_path_factory, kornia) -> str:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     with open(os.path.join(run_dir, "config.json")) as f:
         workers = json.load(f)["num_workers"]
-    assert workers == PRESETS["cpu-tiny"]["num_workers"] > 0  # the runs below use DataLoader workers
+    assert workers == 1  # the runs below use a DataLoader worker
     return run_dir
 
 
@@ -210,15 +210,16 @@ def test_sigkill_while_writing_the_checkpoint_keeps_the_previous_one(straight_ru
 
 
 @pytest.mark.usefixtures("kornia")
-def test_loader_and_evaluation_draw_nothing_from_the_global_rng(digits_folder, tmp_path):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_loader_and_evaluation_draw_nothing_from_the_global_rng(workers, digits_folder, tmp_path):
     """The process-global RNG feeds the training step only (augmentation, stochastic depth) and is checkpointed at
     each epoch end. Creating the loader's iterator (and its workers) and the k-NN evaluation, which runs on
     evaluation epochs only (--eval-every may change on --resume), must leave it untouched."""
     values = {"preset": "cpu-tiny", "device": "cpu", "data": digits_folder, "embed_dim": 32, "depth": 2,
               "num_heads": 2, "batch_size": 16, "n_local_crops": 2, "out_dim": 64, "head_hidden_dim": 64,
-              "head_bottleneck_dim": 32, "progress": False, "output_dir": str(tmp_path / "run")}
+              "head_bottleneck_dim": 32, "num_workers": workers, "progress": False, "output_dir": str(tmp_path / "run")}
     trainer = Trainer(resolve_config(values), values)
-    assert trainer.loader.num_workers > 0
+    assert trainer.loader.num_workers == workers
     before = torch.get_rng_state()
     next(iter(trainer.loader))
     assert trainer.evaluate() is not None
