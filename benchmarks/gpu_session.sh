@@ -48,6 +48,10 @@
 #                C++ op); last: the least predictable under
 #                instrumentation
 #   sum                                                          8 min 45 s  5 min 47 s  7 min 59 s
+# The 4th H200 run (2026-11-27, 335 CUDA tests, DK_BENCHES naming the 5 benchmark files whose ops had changed):
+# env 17 s, build 88 s, parity 150 s, bench 90 s, smoke 58 s, profile 59 s (with the CUDA-graph cases), sanitize
+# 15 + 30 s: 508 s. With every benchmark file (the 3rd run's bench took 154 s) a run now comes to about 570 s, the
+# deadline below, which would cut the last phase: a follow-up run should name its benchmark files.
 # A deadline (GPU_SESSION_BUDGET_S, default 570 s) caps every phase so that the summary is written before the device
 # tool's 600 s limit. The dry run takes about 2 minutes on our 2-core machine.
 set -uo pipefail

@@ -3,23 +3,28 @@
 The benchmarks say how long a step takes; this says which kernels make it up, so a GPU session brings back what the
 next change should aim at. For every case and provider it profiles ``--steps`` steps after two warm-up steps with
 ``torch.profiler`` and writes a markdown table: wall time per step, device-busy time per step (their gap is host
-time: launches, Python, syncs), the top kernels by their own device time, and the top host operators by their own
-CPU time (what fed the device, or kept it waiting).
+time: launches, Python, syncs), the top kernels by their own device time, the top host operators by their own
+CPU time (what fed the device, or kept it waiting), and for our eager cases the top Python functions by their own
+time under cProfile (whose Python the host time is: ours, Triton's launcher, autograd's).
 
     python -m benchmarks.profile_step --out profile.md                  # GPU: the session's cases
     python -m benchmarks.profile_step --dry-run --out profile.md        # CPU: tiny shapes, host time only
 
 Cases: the ViT-S/16 train step of ``bench_train_step`` (B=64, 2+10 crops, bf16 autocast), ``--kernels fused``
-against ``reference``; the ViT-g/14 block of ``bench_stochastic_depth`` at drop rate 0.4, ours against timm's
-DropPath (full compute) and the index path; ``bench_packed_attention``'s ViT-S/16 crops (bf16) forward + backward,
-ours against per-group SDPA and varlen attention. On a GPU, the block and attention cases once more captured in a
-CUDA graph and replayed: their wall time then is the kernels' alone, the bound on what cutting host time can win (a
-case that cannot be captured says why in its row).
+against ``reference``, and the fused step's forward, loss and backward alone; the ViT-g/14 block of
+``bench_stochastic_depth`` at drop rate 0.4, ours against timm's DropPath (full compute) and the index path;
+``bench_packed_attention``'s ViT-S/16 crops (bf16) forward + backward, ours against per-group SDPA and varlen
+attention. On a GPU, the forward-and-backward, block and attention cases once more captured in a CUDA graph and
+replayed: their wall time then is the kernels' alone, the bound on what cutting host time can win (a case that cannot
+be captured says why in its row).
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import os
+import pstats
 import sys
 import tempfile
 import time
@@ -36,13 +41,15 @@ TOP_KERNELS = 12
 NAME_WIDTH = 90
 
 
-def _train_step_cases(dry_run: bool, device: str) -> dict[str, tuple[str, Callable[[], object]]]:
+def _train_step_cases(dry_run: bool, device: str) -> tuple[dict, dict]:
+    """The whole train step, ours and the reference; and our step's forward and backward alone (see
+    :func:`_forward_backward`)."""
     from dino.config import resolve_config
     from dino.train import Trainer
 
     overrides = ({"preset": "cpu-tiny", "batch_size": 8, "n_local_crops": 2} if dry_run else
                  {"preset": "vit-s16", "batch_size": 64, "n_local_crops": 10, "amp": "bf16"})
-    cases = {}
+    steps, parts = {}, {}
     for provider, kernels in (("ours", "fused"), ("reference", "reference")):
         torch.manual_seed(0)
         values = {**overrides, "kernels": kernels, "device": device, "num_workers": 0, "progress": False,
@@ -59,8 +66,26 @@ def _train_step_cases(dry_run: bool, device: str) -> dict[str, tuple[str, Callab
             trainer.step = epoch * trainer.iters_per_epoch
             return trainer.step_on_crops(crops, epoch)
 
-        cases[provider] = ("reference" if provider == "reference" else "auto", step)
-    return {f"train step vit-s16 B=64 2+10 bf16 ({provider})": case for provider, case in cases.items()}
+        steps[f"train step vit-s16 B=64 2+10 bf16 ({provider})"] = ("auto" if provider == "ours" else "reference", step)
+        if provider == "ours":
+            parts = _forward_backward(trainer, crops)
+    return steps, parts
+
+
+def _forward_backward(trainer: object, crops: list[torch.Tensor]) -> dict[str, tuple[str, Callable[[], object]]]:
+    """The fused step's forward (teacher and student), DINO loss and backward alone, without the optimiser, the EMA
+    and the loss's host read (the NaN guard), none of which a CUDA graph may hold as the step does them: what a
+    captured step would leave of the host time."""
+    cfg = trainer.cfg
+
+    def step():
+        with torch.autocast(trainer.device.type, dtype=trainer.amp_dtype, enabled=trainer.amp_dtype is not None):
+            out = trainer.forward_networks(crops, None)
+            loss = dino_kernels.dino_loss(out.student, out.teacher, trainer.center, n_global_crops=cfg.n_global_crops,
+                                          student_temp=cfg.student_temp, teacher_temp=cfg.teacher_temp)
+        loss.backward()
+
+    return {"train fwd+bwd vit-s16 B=64 2+10 bf16 (ours)": ("auto", step)}
 
 
 def _sd_block_cases(dry_run: bool, device: str) -> dict[str, tuple[str, Callable[[], object]]]:
@@ -134,6 +159,22 @@ def _profile(step: Callable[[], object], steps: int, cuda: bool) -> tuple[float,
     return wall, rows, busy
 
 
+def _python_profile(step: Callable[[], object], steps: int) -> list[tuple[str, int, float]]:
+    """(function, calls per step, own ms per step) under cProfile, by own time: Python functions and the C functions
+    they call (a launch, autograd's engine), which is where an eager step's host time is spent."""
+    step()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        step()
+    profiler.disable()
+    rows = []
+    for (file, line, function), (_, calls, own, *_) in pstats.Stats(profiler).stats.items():
+        name = function if file == "~" else f"{os.path.basename(file)}:{line}({function})"
+        rows.append((name, round(calls / steps), own * 1e3 / steps))
+    return sorted(rows, key=lambda row: -row[2])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5, help="profiled steps per case (after 2 warm-up steps)")
@@ -148,8 +189,9 @@ def main(argv: list[str] | None = None) -> int:
              "kernels' own time; wall - busy is host time the device waited for (or overlapped). 'host ops': the "
              "operators' own CPU time (launches included); wall - host ops is Python between them, and idle "
              "waits.", ""]
-    host_bound = {**_sd_block_cases(args.dry_run, device), **_attention_cases(args.dry_run, device)}
-    cases = {**_train_step_cases(args.dry_run, device), **host_bound}
+    train_steps, train_parts = _train_step_cases(args.dry_run, device)
+    host_bound = {**train_parts, **_sd_block_cases(args.dry_run, device), **_attention_cases(args.dry_run, device)}
+    cases = {**train_steps, **host_bound}
     if cuda:  # last: a capture that fails must not spoil the eager cases
         cases.update({f"{name[:-1]}, CUDA graph)": (backend, step, True)
                       for name, (backend, step) in host_bound.items()})
@@ -171,6 +213,14 @@ def main(argv: list[str] | None = None) -> int:
             total = sum(ms for _, _, ms in rows[kind]) or 1.0
             lines += [f"| {kind} (own time) | calls | ms | % |", "|---|---|---|---|"]
             for key, calls, ms in rows[kind][:TOP_KERNELS]:
+                lines.append(f"| `{key[:NAME_WIDTH]}` | {calls} | {ms:.3f} | {100 * ms / total:.1f} |")
+            lines.append("")
+        if name.endswith("(ours)"):  # whose Python: ours, Triton's launcher's, autograd's (cProfile's own overhead
+            with dino_kernels.backend(backend):  # inflates every row alike)
+                python = _python_profile(step, args.steps)
+            total = sum(ms for _, _, ms in python) or 1.0
+            lines += ["| python (own time, cProfile) | calls | ms | % |", "|---|---|---|---|"]
+            for key, calls, ms in python[:TOP_KERNELS]:
                 lines.append(f"| `{key[:NAME_WIDTH]}` | {calls} | {ms:.3f} | {100 * ms / total:.1f} |")
             lines.append("")
     text = "\n".join(lines[:4] + summary + [""] + lines[4:])
