@@ -175,6 +175,14 @@ def _python_profile(step: Callable[[], object], steps: int) -> list[tuple[str, i
     return sorted(rows, key=lambda row: -row[2])
 
 
+def _table(title: str, rows: list[tuple[str, int, float]]) -> list[str]:
+    """Markdown lines of the top rows (name, calls per step, ms per step), each with its share of all rows' time."""
+    total = sum(ms for _, _, ms in rows) or 1.0
+    return ([f"| {title} | calls | ms | % |", "|---|---|---|---|"]
+            + [f"| `{key[:NAME_WIDTH]}` | {calls} | {ms:.3f} | {100 * ms / total:.1f} |"
+               for key, calls, ms in rows[:TOP_KERNELS]] + [""])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5, help="profiled steps per case (after 2 warm-up steps)")
@@ -210,19 +218,10 @@ def main(argv: list[str] | None = None) -> int:
         lines += [f"## {name}: {wall:.2f} ms wall, {busy:.2f} ms busy per step", ""]
         # On a GPU both tables: the kernels the device ran, and the host operators that fed it (the wall - busy gap).
         for kind in ("device", "host") if cuda else ("host",):
-            total = sum(ms for _, _, ms in rows[kind]) or 1.0
-            lines += [f"| {kind} (own time) | calls | ms | % |", "|---|---|---|---|"]
-            for key, calls, ms in rows[kind][:TOP_KERNELS]:
-                lines.append(f"| `{key[:NAME_WIDTH]}` | {calls} | {ms:.3f} | {100 * ms / total:.1f} |")
-            lines.append("")
+            lines += _table(f"{kind} (own time)", rows[kind])
         if name.endswith("(ours)"):  # whose Python: ours, Triton's launcher's, autograd's (cProfile's own overhead
             with dino_kernels.backend(backend):  # inflates every row alike)
-                python = _python_profile(step, args.steps)
-            total = sum(ms for _, _, ms in python) or 1.0
-            lines += ["| python (own time, cProfile) | calls | ms | % |", "|---|---|---|---|"]
-            for key, calls, ms in python[:TOP_KERNELS]:
-                lines.append(f"| `{key[:NAME_WIDTH]}` | {calls} | {ms:.3f} | {100 * ms / total:.1f} |")
-            lines.append("")
+                lines += _table("python (own time, cProfile)", _python_profile(step, args.steps))
     text = "\n".join(lines[:4] + summary + [""] + lines[4:])
     print(text)
     if args.out:
