@@ -210,13 +210,15 @@ def pytest_collectreport(report):
 
 
 def with_ratios(records: list[dict]) -> list[dict]:
-    """Adds ``speedup_vs_reference`` and, against the fastest non-``ours`` provider of the same case,
-    ``best_baseline`` (its name) and ``speedup_vs_best_baseline`` (its median / this median)."""
+    """Adds ``speedup_vs_reference`` and, against the fastest provider of the same case that is not ours (``ours``,
+    or a variant such as ``ours_cuda_graph``), ``best_baseline`` (its name) and ``speedup_vs_best_baseline`` (its
+    median / this median)."""
     out = []
     for r in records:
         same = [s for s in records if (s["case"], s["device"]) == (r["case"], r["device"])]
         ref = next((s["median_ms"] for s in same if s["provider"] == "reference"), None)
-        best = min((s for s in same if s["provider"] != "ours"), key=lambda s: s["median_ms"], default=None)
+        best = min((s for s in same if s["provider"].split("_")[0] != "ours"), key=lambda s: s["median_ms"],
+                   default=None)
         out.append({**r, "speedup_vs_reference": ref / r["median_ms"] if ref else None,
                     "best_baseline": best["provider"] if best else None,
                     "speedup_vs_best_baseline": best["median_ms"] / r["median_ms"] if best else None})

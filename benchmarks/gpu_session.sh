@@ -37,7 +37,8 @@
 #                steps; SK + DINO loss, iBOT and KoLeo with their
 #                compiled references; the timm ViT-S/16 step)
 #   5 smoke      100 ViT-S/16 steps fused, then --kernels reference,  60 s      54 s      71 s    150 s
-#                same seed
+#                same seed, both eager; then fused replayed from a
+#                CUDA graph (5th run, with it: 71 s)
 #   6 profile    torch.profiler over 5 steps of each: the ViT-S/16     45 s   51 s (3rd run)    90 s
 #                train step fused / reference, the ViT-g/14 block at
 #                p=0.4 ours / timm DropPath / index path, ViT-S/16
@@ -52,6 +53,8 @@
 # env 17 s, build 88 s, parity 150 s, bench 90 s, smoke 58 s, profile 59 s (with the CUDA-graph cases), sanitize
 # 15 + 30 s: 508 s. With every benchmark file (the 3rd run's bench took 154 s) a run now comes to about 570 s, the
 # deadline below, which would cut the last phase: a follow-up run should name its benchmark files.
+# The 5th (DK_TESTS=tests/test_train.py, DK_BENCHES=benchmarks/bench_train_step.py, DK_SKIP=sanitize): env 21 s,
+# build 73 s, parity 77 s, bench 38 s, smoke 71 s, profile 64 s: 346 s.
 # A deadline (GPU_SESSION_BUDGET_S, default 570 s) caps every phase so that the summary is written before the device
 # tool's 600 s limit. The dry run takes about 2 minutes on our 2-core machine.
 set -uo pipefail
@@ -106,7 +109,7 @@ write_summary() {
     if [ -f "$results.md" ]; then
       echo; echo "## Benchmarks: ours against the strongest baseline (full table: $(basename "$results").md)"; echo
       grep -E '^\|( case |---)' "$results.md" | head -2
-      grep -F '| ours |' "$results.md"
+      grep -E '\| ours(_[a-z_]+)? \|' "$results.md"
     fi
   } > "$summary"
 }

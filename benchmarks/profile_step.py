@@ -53,7 +53,7 @@ def _train_step_cases(dry_run: bool, device: str) -> tuple[dict, dict]:
     for provider, kernels in (("ours", "fused"), ("reference", "reference")):
         torch.manual_seed(0)
         values = {**overrides, "kernels": kernels, "device": device, "num_workers": 0, "progress": False,
-                  "epochs": 100, "output_dir": tempfile.mkdtemp(prefix="dk-profile-")}
+                  "epochs": 100, "output_dir": tempfile.mkdtemp(prefix="dk-profile-"), "cuda_graph": "off"}
         trainer = Trainer(resolve_config(values), values)
         cfg = trainer.cfg
         crops = [torch.randn(cfg.n_global_crops * cfg.batch_size, 3, cfg.global_size, cfg.global_size,

@@ -3,6 +3,8 @@
 The two runs share everything but the kernels (initial weights, data order, augmentations and drop-path draws come
 from the same seeds), so their per-step DINO losses should agree at the start and drift apart only by rounding
 (bf16 autocast on GPU). A kernel that is wrong in a way the unit tests missed shows up as curves that split early.
+Both run eagerly (`--cuda-graph off`). On a GPU a third run, `--kernels fused --cuda-graph on`, replays the fused
+step from a CUDA graph: the same kernels on the same random draws, so its losses should be the fused run's.
 
     python -m benchmarks.train_smoke --steps 100 --out smoke.json      # GPU: ViT-S/16 preset on the digits
     python -m benchmarks.train_smoke --preset cpu-tiny --steps 8       # CPU: the plumbing
@@ -24,11 +26,12 @@ from dino.config import default_preset, resolve_config
 from dino.train import Trainer
 
 
-def run(preset: str, kernels: str, steps: int, batch_size: int | None, num_workers: int) -> dict:
+def run(preset: str, kernels: str, steps: int, batch_size: int | None, num_workers: int,
+        cuda_graph: str = "off") -> dict:
     """Per-step losses and step times of ``steps`` training steps with ``kernels`` (fused or reference)."""
     with tempfile.TemporaryDirectory() as tmp:
         values = {"preset": preset, "kernels": kernels, "seed": 0, "num_workers": num_workers, "progress": False,
-                  "output_dir": tmp}
+                  "output_dir": tmp, "cuda_graph": cuda_graph}
         if batch_size:
             values["batch_size"] = batch_size
         trainer = Trainer(resolve_config(values), values)
@@ -49,7 +52,8 @@ def run(preset: str, kernels: str, steps: int, batch_size: int | None, num_worke
                         break
                 epoch += 1
         timed = seconds[min(10, len(seconds) // 2):]  # past compilation and allocator warm-up
-        return {"kernels": kernels, "losses": losses, "step_seconds": seconds,
+        return {"kernels": kernels + (" + cuda graph" if cuda_graph == "on" else ""), "losses": losses,
+                "step_seconds": seconds,
                 "img_per_s": trainer.cfg.batch_size / statistics.median(timed),
                 "peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
                 "batch_size": trainer.cfg.batch_size, "device": str(trainer.device)}
@@ -65,10 +69,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     preset = args.preset or default_preset()
     runs = [run(preset, kernels, args.steps, args.batch_size, args.num_workers) for kernels in ("fused", "reference")]
-    fused, ref = (r["losses"] for r in runs)
+    if runs[0]["device"].startswith("cuda"):
+        runs.append(run(preset, "fused", args.steps, args.batch_size, args.num_workers, cuda_graph="on"))
+    fused, ref = (r["losses"] for r in runs[:2])
     diffs = [abs(a - b) for a, b in zip(fused, ref)]
     summary = {"preset": preset, "steps": args.steps, "max_abs_loss_diff_first_10": max(diffs[:10]),
                "max_abs_loss_diff": max(diffs), "runs": runs}
+    if len(runs) == 3:
+        summary["max_abs_loss_diff_graph"] = max(abs(a - b) for a, b in zip(fused, runs[2]["losses"]))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(summary, f, indent=1)
@@ -81,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['kernels']}: {r['img_per_s']:.0f} img/s (median step){memory}")
     print(f"max |fused - reference| loss: first 10 steps {summary['max_abs_loss_diff_first_10']:.2e}, "
           f"all steps {summary['max_abs_loss_diff']:.2e}")
-    finite = all(map(lambda x: x == x and abs(x) != float("inf"), fused + ref))
+    if "max_abs_loss_diff_graph" in summary:
+        print(f"max |fused + cuda graph - fused| loss: {summary['max_abs_loss_diff_graph']:.2e}")
+    finite = all(x == x and abs(x) != float("inf") for r in runs for x in r["losses"])
     return 0 if finite else 1
 
 

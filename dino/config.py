@@ -24,7 +24,7 @@ from dino.data import DataError
 # Fields that only say how or where a run executes: they may differ when resuming, every other field must match the
 # checkpoint's config (a different recipe would not continue the same loss curve).
 RUNTIME_FIELDS = frozenset({"output_dir", "resume", "num_workers", "progress", "device", "eval_every", "data",
-                            "debug"})
+                            "debug", "cuda_graph"})
 DEBUG_HELP = "on an error, show the Python traceback instead of the one-line message"
 # The failures a user fixes on the command line (a bad path, a checkpoint that cannot be read or does not fit, an
 # image folder without readable images): the CLIs report them in one line (:func:`run_command`).
@@ -130,6 +130,11 @@ class Config:
     output_dir: str | None = field(default=None, metadata={"help": "run directory (default runs/<date-time>; "
                                                                    "on --resume, the checkpoint's directory)"})
     resume: str | None = field(default=None, metadata={"help": "checkpoint file or run directory to continue"})
+    cuda_graph: str = field(default="auto", metadata={"help": "replay each step's forward, losses and backward from "
+                                                             "a CUDA graph: the same kernels without their launch "
+                                                             "cost. on: needs one CUDA process, --recipe dino and no "
+                                                             "fp16; auto = on for --kernels fused where it can be "
+                                                             "(eager if the capture fails); off: eager"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar per epoch (and while checking the "
                                                            "files of a large --data folder)"})
     debug: bool = field(default=False, metadata={"help": DEBUG_HELP})
@@ -152,6 +157,8 @@ class Config:
             raise ValueError(f"preset must be one of auto, {', '.join(PRESETS)}; got {self.preset!r}")
         if self.kernels not in ("fused", "reference"):
             raise ValueError(f"kernels must be 'fused' or 'reference'; got {self.kernels!r}")
+        if self.cuda_graph not in ("auto", "on", "off"):
+            raise ValueError(f"cuda_graph must be auto, on or off; got {self.cuda_graph!r}")
         if self.amp not in ("auto", "bf16", "fp16", "none"):
             raise ValueError(f"amp must be auto, bf16, fp16 or none; got {self.amp!r}")
         for name in ("global_size", "local_size", "patch_size"):
@@ -301,6 +308,8 @@ def build_parser(prog: str = "python -m dino.train", description: str | None = N
             kwargs["choices"] = ["softmax", "sinkhorn_knopp"]
         elif f.name == "amp":
             kwargs["choices"] = ["auto", "bf16", "fp16", "none"]
+        elif f.name == "cuda_graph":
+            kwargs["choices"] = ["auto", "on", "off"]
         parser.add_argument(_cli_name(f.name), **kwargs)
     return parser
 

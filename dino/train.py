@@ -39,6 +39,7 @@ from dino.checkpoint import (
     save_checkpoint,
 )
 from dino.config import RUNTIME_FIELDS, Config, parse_args, run_command
+from dino.cuda_graph import GraphedStep
 from dino.data import DataError, build_datasets
 from dino.eval_knn import knn_accuracy
 from dino.eval_linear import linear_accuracy
@@ -163,6 +164,18 @@ class NetworkOutputs(NamedTuple):
     student_patches: torch.Tensor | None
 
 
+class StepLosses(NamedTuple):
+    """One step's 0-d losses before the backward: the DINO loss, the total (DINOv2's weighting, + iBOT, + KoLeo),
+    the KoLeo and iBOT terms (zeros when off), and the DINO loss's teacher entropy and KL statistics."""
+
+    loss: torch.Tensor
+    total: torch.Tensor
+    koleo: torch.Tensor
+    ibot: torch.Tensor
+    teacher_entropy: torch.Tensor
+    kl: torch.Tensor
+
+
 class StepResult(NamedTuple):
     """What a training step reports: the DINO loss, the KoLeo and iBOT terms (Python floats: the step syncs once
     for them) and the teacher entropy and KL (0-d tensors)."""
@@ -192,6 +205,21 @@ def collapse_warning(epoch: int, entropy: float, ln_k: float) -> str | None:
     return None
 
 
+def uses_cuda_graph(cfg: Config, device: torch.device, amp_dtype: torch.dtype | None, distributed: bool) -> bool:
+    """Whether the step replays from a CUDA graph (:mod:`dino.cuda_graph`). Its conditions: one CUDA process, DINO's
+    recipe (DINOv2's masks are drawn on the host every step), no fp16 GradScaler. ``auto`` takes it where they hold
+    with our kernels (``--kernels reference`` stays the plain eager run); ``on`` raises a ValueError naming every
+    unmet one."""
+    problems = [what for what, bad in (
+        (f"a CUDA device (got {device})", device.type != "cuda"),
+        ("one process (got a torchrun run)", distributed),
+        ("--recipe dino (got dinov2)", cfg.recipe == "dinov2"),
+        ("--amp bf16 or none (got fp16)", amp_dtype == torch.float16)) if bad]
+    if cfg.cuda_graph == "on" and problems:
+        raise ValueError(f"cuda_graph=on needs {', '.join(problems)}")
+    return cfg.cuda_graph == "on" or (cfg.cuda_graph == "auto" and cfg.kernels == "fused" and not problems)
+
+
 def _all_reduce_flag(flag: bool, info: DistInfo, device: torch.device) -> bool:
     if not info.enabled:
         return flag
@@ -203,6 +231,10 @@ def _all_reduce_flag(flag: bool, info: DistInfo, device: torch.device) -> bool:
 class Trainer:
     def __init__(self, cfg: Config, overrides: dict[str, Any] | None = None) -> None:
         self.info, self.device = setup_distributed(cfg.device)
+        # As DINO v1: cuDNN times its convolution algorithms once for the run's fixed shapes (the reference model's
+        # patch embedding; the fused model's is a GEMM).
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
         resume_state = None
         if cfg.resume is not None:
             resume_state = load_checkpoint(cfg.resume)
@@ -217,6 +249,7 @@ class Trainer:
             cfg = saved
         self.cfg = cfg
         self.amp_dtype = autocast_dtype(cfg, self.device)
+        graphed = uses_cuda_graph(cfg, self.device, self.amp_dtype, self.info.enabled)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
 
         self.data = build_datasets(cfg.data, cfg.image_size, cfg.global_size, main_process=self.info.main,
@@ -282,6 +315,7 @@ class Trainer:
         # Lists built once: ema_ caches its work tables by tensor address, which stay fixed across steps.
         self.teacher_params = list(self.teacher.parameters())
         self.student_params = list(self.student.parameters())
+        self.graphed = GraphedStep(self.student_params, fallback=cfg.cuda_graph == "auto") if graphed else None
 
     # ------------------------------------------------------------------------------------------ state
     def rng_states(self) -> list[dict[str, Any]]:
@@ -336,16 +370,46 @@ class Trainer:
         """One DINO (or DINOv2) iteration (docs/algorithm.md), on ``crops = [globals (G·B, ...), locals (L·B, ...)]``:
         (DINOv2: block masks for the global crops,) teacher and student forwards, DINO loss at this epoch's teacher
         temperature (+ iBOT, + KoLeo), center updates, NaN guard, backward, per-tensor clip, last-layer freeze,
-        AdamW step, teacher EMA."""
+        AdamW step, teacher EMA. Replayed from a CUDA graph (see :func:`uses_cuda_graph`), everything up to the
+        backward is one replay and the guard reads the losses after it (still before any update)."""
         cfg, it = self.cfg, self.step
         for i, group in enumerate(self.optimizer.param_groups):
             group["lr"] = float(self.schedules.lr[it])
             if i == 0:
                 group["weight_decay"] = float(self.schedules.weight_decay[it])
         teacher_temp = float(self.schedules.teacher_temp[epoch])
-        sinkhorn = cfg.centering == "sinkhorn_knopp" and epoch >= cfg.centering_warmup_epochs
-        centering = "sinkhorn_knopp" if sinkhorn else "softmax"
-        masks = self.draw_masks(crops[0].shape[0]) if self.dinov2 else None
+        centering = ("sinkhorn_knopp" if cfg.centering == "sinkhorn_knopp" and epoch >= cfg.centering_warmup_epochs
+                     else "softmax")
+        if self.graphed is None:
+            masks = self.draw_masks(crops[0].shape[0]) if self.dinov2 else None
+            losses = self.losses(crops, masks, teacher_temp, centering)
+            values = self._finite_values(losses, epoch, it)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(losses.total).backward()
+        else:
+            def forward_backward(static_crops: list[torch.Tensor]) -> StepLosses:
+                losses = self.losses(static_crops, None, teacher_temp, centering)
+                losses.total.backward()
+                return losses
+
+            losses = self.graphed(crops, (teacher_temp, centering), forward_backward)
+            values = self._finite_values(losses, epoch, it)
+        self.scaler.unscale_(self.optimizer)
+        clip_gradients_(self.student, cfg.clip_grad)
+        if epoch < cfg.freeze_last_layer:
+            cancel_last_layer_grads(self.student)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        dino_kernels.ema_(self.teacher_params, self.student_params, float(self.schedules.momentum[it]))
+        self.step += 1
+        loss_value, _, koleo_value, ibot_value = values
+        # Copies: a graph's outputs are overwritten by its next replay.
+        return StepResult(loss_value, losses.teacher_entropy.clone(), losses.kl.clone(), koleo_value, ibot_value)
+
+    def losses(self, crops: list[torch.Tensor], masks: BatchMasks | None, teacher_temp: float,
+               centering: str) -> StepLosses:
+        """The forwards, the DINO loss (+ iBOT, + KoLeo) and the center updates of one step."""
+        cfg = self.cfg
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             out = self.forward_networks(crops, masks)
             loss, stats = dino_kernels.dino_loss(out.student, out.teacher, self.center,
@@ -359,32 +423,26 @@ class Trainer:
                                                     student_temp=cfg.student_temp, teacher_temp=teacher_temp,
                                                     centering=centering)
                 total = total + cfg.ibot_weight * ibot
-        if not sinkhorn:  # the center EMAs (all-reduced under DDP); Sinkhorn-Knopp needs none
+        if centering == "softmax":  # the center EMAs (all-reduced under DDP); Sinkhorn-Knopp needs none
             dino_kernels.update_center_(self.center, stats.teacher_mean, cfg.center_momentum)
             if masks is not None:
                 self.update_patch_center_(out.teacher_patches)
         if cfg.koleo_weight > 0:  # DINOv2's KoLeo term on the student's global-crop CLS features
             koleo = koleo_loss(out.features[: crops[0].shape[0]], n_chunks=cfg.n_global_crops)
             total = total + cfg.koleo_weight * koleo
-        # One host sync for the numbers the guard and the progress bar need.
-        values = torch.stack([t.detach().float() for t in (loss, total, koleo, ibot)]).tolist()
-        loss_value, total_value, koleo_value, ibot_value = values
+        return StepLosses(loss, total, koleo, ibot, stats.teacher_entropy, stats.kl)
+
+    def _finite_values(self, losses: StepLosses, epoch: int, it: int) -> list[float]:
+        """The NaN guard: (loss, total, koleo, ibot) as floats, in one host sync; raises on a non-finite loss."""
+        values = torch.stack([t.detach().float() for t in (losses.loss, losses.total, losses.koleo,
+                                                            losses.ibot)]).tolist()
+        loss_value, total_value = values[:2]
         if _all_reduce_flag(not (math.isfinite(loss_value) and math.isfinite(total_value)), self.info, self.device):
             raise NonFiniteLossError(
                 f"non-finite loss ({total_value}) at epoch {epoch + 1}, step {it}: training stopped. The last good "
                 f"checkpoint ({self._last_good()}) was kept. Lower --base-lr, use --amp none or bf16 instead of "
                 f"fp16, or raise --teacher-temp, then --resume from it.")
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(total).backward()
-        self.scaler.unscale_(self.optimizer)
-        clip_gradients_(self.student, cfg.clip_grad)
-        if epoch < cfg.freeze_last_layer:
-            cancel_last_layer_grads(self.student)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        dino_kernels.ema_(self.teacher_params, self.student_params, float(self.schedules.momentum[it]))
-        self.step += 1
-        return StepResult(loss_value, stats.teacher_entropy, stats.kl, koleo_value, ibot_value)
+        return values
 
     def draw_masks(self, n_crops: int) -> BatchMasks:
         """DINOv2's block masks for the ``n_crops`` global crops, drawn from the global RNG (see dino.masking)."""

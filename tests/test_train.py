@@ -315,6 +315,112 @@ def test_fused_trainer_takes_the_fused_optimizer(tmp_path):
     assert fused.optimizer.defaults["fused"] and not reference.optimizer.defaults["fused"]
 
 
+def test_cuda_graph_is_taken_where_it_can_be(tmp_path):
+    """--cuda-graph auto (the default) replays the step from a graph for our kernels in one CUDA process with DINO's
+    recipe and no fp16, and otherwise runs eagerly; on refuses, naming every unmet condition, before the data and the
+    models are built; off never graphs."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+
+    def uses(device=cuda, amp=torch.bfloat16, distributed=False, **overrides):
+        return train_mod.uses_cuda_graph(tiny_config(tmp_path, **overrides)[0], device, amp, distributed)
+
+    assert uses() and uses(amp=None) and uses(cuda_graph="on", kernels="reference")
+    assert not uses(kernels="reference") and not uses(cuda_graph="off") and not uses(device=cpu)
+    assert not uses(distributed=True) and not uses(amp=torch.float16) and not uses(**TINY_V2)
+    with pytest.raises(ValueError, match=r"^cuda_graph=on needs one process \(got a torchrun run\)$"):
+        uses(cuda_graph="on", distributed=True)
+    assert train_mod.Trainer(*tiny_config(tmp_path / "auto")).graphed is None  # CPU
+    with pytest.raises(ValueError, match=r"cuda_graph=on needs a CUDA device \(got cpu\)$"):
+        train_mod.Trainer(*tiny_config(tmp_path / "cpu", cuda_graph="on"))
+    with pytest.raises(ValueError, match=r"a CUDA device \(got cpu\), --recipe dino \(got dinov2\), --amp bf16 or "
+                                         r"none \(got fp16\)"):
+        train_mod.Trainer(*tiny_config(tmp_path / "v2", cuda_graph="on", amp="fp16", **TINY_V2))
+    with pytest.raises(ValueError, match="cuda_graph must be auto, on or off; got 'yes'"):
+        tiny_config(tmp_path, cuda_graph="yes")
+
+
+@pytest.mark.cuda
+def test_cuda_graph_step_is_the_eager_step(tmp_path):
+    """--cuda-graph: the first step eager, then a capture and replays, a new capture when the teacher temperature
+    changes (the warm-up epochs); the losses, the center, the student and the teacher stay the eager steps' on the
+    same crops and seed. Stochastic depth's draws included: a capture registers the generator, so each replay draws
+    new numbers, in the eager order. The last-layer freeze (epoch 0) drops gradients the next replay restores."""
+    runs = []
+    for cuda_graph in (False, True):
+        torch.manual_seed(0)
+        trainer = train_mod.Trainer(*tiny_config(tmp_path / str(cuda_graph), device="cuda", amp="none",
+                                                 cuda_graph="on" if cuda_graph else "off",
+                                                 warmup_teacher_temp_epochs=2,
+                                                 freeze_last_layer=1))
+        cfg, source = trainer.cfg, torch.Generator().manual_seed(1)
+        losses, entropies = [], []
+        for epoch, steps in ((0, 3), (1, 2), (2, 3)):
+            for _ in range(steps):
+                crops = [torch.randn(n * cfg.batch_size, 3, size, size, generator=source).to(trainer.device)
+                         for n, size in ((cfg.n_global_crops, cfg.global_size), (cfg.n_local_crops, cfg.local_size))]
+                result = trainer.step_on_crops(crops, epoch)
+                losses.append(result.loss)
+                entropies.append(result.teacher_entropy)
+        if cuda_graph:
+            assert trainer.graphed.key == (float(trainer.schedules.teacher_temp[2]), "softmax")
+        runs.append((losses, torch.stack(entropies), trainer.center.clone(),
+                     [p.detach().clone() for p in trainer.student_params + trainer.teacher_params]))
+    (eager, eager_entropy, eager_center, eager_params), (graphed, entropy, center, params) = runs
+    np.testing.assert_allclose(graphed, eager, rtol=1e-5)
+    assert len(set(graphed)) == len(graphed)  # every replay trained on its own crops
+    assert rel_error(entropy, eager_entropy) <= 1e-5 and rel_error(center, eager_center) <= 1e-5
+    for got, want in zip(params, eager_params):
+        assert rel_error(got, want) <= 1e-5
+
+
+@pytest.mark.cuda
+def test_cuda_graph_run_is_the_eager_run(tmp_path, kornia):
+    """A whole tiny run with --cuda-graph (augmentation, k-NN evaluations and checkpoints between the replays) gives
+    the eager run's per-epoch losses, and its k-NN accuracies within a test image (0.2 %) or two."""
+    histories = []
+    for cuda_graph in (False, True):
+        cfg, values = tiny_config(tmp_path / str(cuda_graph), device="cuda", amp="none",
+                                  cuda_graph="on" if cuda_graph else "off")
+        histories.append(train_mod.train(cfg, values))
+    eager, graphed = histories
+    np.testing.assert_allclose([r["loss"] for r in graphed], [r["loss"] for r in eager], rtol=1e-5)
+    np.testing.assert_allclose([r["knn_top1"] for r in graphed], [r["knn_top1"] for r in eager], atol=0.5)
+
+
+@pytest.mark.cuda
+def test_a_step_that_cannot_be_captured_runs_eagerly_under_auto(tmp_path, monkeypatch):
+    """A host read inside the step breaks its capture: cuda_graph=auto warns once and goes on eagerly, with the
+    eager run's losses; cuda_graph=on raises a RuntimeError that says what to do."""
+    runs = {}
+    for mode in ("off", "auto", "on"):
+        torch.manual_seed(0)
+        trainer = train_mod.Trainer(*tiny_config(tmp_path / mode, device="cuda", amp="none", cuda_graph=mode))
+        losses_of = trainer.losses
+
+        def losses_with_a_host_read(*args, losses_of=losses_of):
+            losses = losses_of(*args)
+            losses.loss.item()  # not allowed while a CUDA graph is being captured
+            return losses
+
+        monkeypatch.setattr(trainer, "losses", losses_with_a_host_read)
+        cfg, source = trainer.cfg, torch.Generator().manual_seed(1)
+        runs[mode] = []
+        for step in range(4):
+            crops = [torch.randn(n * cfg.batch_size, 3, size, size, generator=source).to(trainer.device)
+                     for n, size in ((cfg.n_global_crops, cfg.global_size), (cfg.n_local_crops, cfg.local_size))]
+            if mode == "on" and step == 1:
+                with pytest.raises(RuntimeError, match="could not be captured.*use --cuda-graph off"):
+                    trainer.step_on_crops(crops, 0)
+                break
+            if mode == "auto" and step == 1:
+                with pytest.warns(RuntimeWarning, match="runs eagerly from now on"):
+                    runs[mode].append(trainer.step_on_crops(crops, 0).loss)
+            else:
+                runs[mode].append(trainer.step_on_crops(crops, 0).loss)
+        assert trainer.graphed is None or trainer.graphed.graph is None
+    np.testing.assert_allclose(runs["auto"], runs["off"], rtol=1e-5)
+
+
 def test_pos_embed_interpolation_and_registers():
     vit = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, n_registers=3)
     assert vit.interpolate_pos_encoding(4, 4) is vit.pos_embed
