@@ -58,3 +58,29 @@ def test_learning_benchmark_keeps_the_other_presets_results(tmp_path, monkeypatc
     assert "## cpu-tiny: the default" in table
     assert "## cpu-tiny-v2: `python -m dino.train --preset cpu-tiny-v2`" in table
     assert "| 1 | fused | 91.00 % |" in table and "| 3 | fused | 93.00 % |" in table and "| 2 | fused" not in table
+
+
+def test_step_ab_alternates_the_providers_and_writes_its_table(tmp_path, monkeypatch):
+    """``python -m benchmarks.step_ab``: both trainers in one process, blocks alternating with the order flipped each
+    round, a ratio per round between neighbouring blocks, their median, and the table and JSON it writes."""
+    from benchmarks import step_ab
+
+    calls, block_ms = [], {"reference": iter([30.0, 33.0, 36.0]), "fused": iter([20.0, 30.0, 12.0])}
+
+    def fake_block_ms(step, kernels, steps):
+        calls.append((kernels, steps))
+        return 1.0 if steps == 2 else next(block_ms[kernels])
+
+    monkeypatch.setattr(step_ab, "_block_ms", fake_block_ms)
+    out = tmp_path / "ab"
+    argv = ["--rounds", "3", "--steps", "4", "--warmup", "2", "--batch-size", "8", "--out", str(out)]
+    assert step_ab.main(argv) == 0
+    assert calls == [("reference", 2), ("fused", 2), ("reference", 4), ("fused", 4), ("fused", 4), ("reference", 4),
+                     ("reference", 4), ("fused", 4)]
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert result["ratios"] == pytest.approx([1.5, 1.1, 3.0]) and result["median_ratio"] == pytest.approx(1.5)
+    assert result["batch_size"] == 8
+    assert result["median_ms"] == {"reference": 33.0, "ours": 20.0}
+    table = out.with_suffix(".md").read_text()
+    assert "median 1.500×, range 1.100–3.000×" in table and "| ours | 20.0 | 400 |" in table
+    assert "| 2 | 33.0 | 30.0 | 1.100 |" in table
