@@ -22,13 +22,11 @@ reports img/s (images per step / median) next to the harness's median and peak m
 from __future__ import annotations
 
 import pytest
-import torch
 
 import dino_kernels
-from dino.config import resolve_config
 
 try:
-    from dino.train import Trainer
+    from benchmarks.step_ab import training_step
 except ModuleNotFoundError as error:  # e.g. kornia (the augmentation) missing on a GPU image
     pytest.skip(f"dino.train cannot be imported: {error}", allow_module_level=True)
 
@@ -41,12 +39,6 @@ CASES = {
 DRY_RUN_OVERRIDES = {"preset": "cpu-tiny", "batch_size": 8, "n_local_crops": 2}
 PROVIDERS = {"reference": ("reference", "off"), "ours": ("fused", "off"), "ours_cuda_graph": ("fused", "on")}
 _IMG_PER_S: dict[tuple[str, str], float] = {}
-
-
-def _trainer(device: str, overrides: dict, kernels: str, cuda_graph: str, tmp_path) -> Trainer:
-    values = {**overrides, "kernels": kernels, "device": device, "num_workers": 0, "progress": False,
-              "epochs": 100, "output_dir": str(tmp_path), "cuda_graph": cuda_graph}
-    return Trainer(resolve_config(values), values)
 
 
 def _params():
@@ -64,19 +56,9 @@ def test_train_step(benchmark, measure, bench_env, case, provider, tmp_path):
     kernels, cuda_graph = PROVIDERS[provider]
     if cuda_graph == "on" and device != "cuda":
         pytest.skip("a CUDA graph needs a GPU (dry run on CPU)")
-    torch.manual_seed(0)
-    trainer = _trainer(device, DRY_RUN_OVERRIDES if bench_env.dry_run else overrides, kernels, cuda_graph, tmp_path)
+    trainer, _, step = training_step(DRY_RUN_OVERRIDES if bench_env.dry_run else overrides, kernels, device,
+                                     cuda_graph, str(tmp_path))
     cfg = trainer.cfg
-    b, dev = cfg.batch_size, trainer.device
-    crops = [torch.randn(cfg.n_global_crops * b, 3, cfg.global_size, cfg.global_size, device=dev),
-             torch.randn(cfg.n_local_crops * b, 3, cfg.local_size, cfg.local_size, device=dev)]
-    epoch = cfg.freeze_last_layer  # past the last-layer freeze: every parameter is updated
-
-    def step():
-        # Stay at one iteration of the schedules: the step count only indexes them.
-        trainer.step = epoch * trainer.iters_per_epoch
-        return trainer.step_on_crops(crops, epoch)
-
     with dino_kernels.backend("reference" if provider == "reference" else "auto"):
         median = measure(benchmark, step, case=case, provider=provider, device=device)
     _IMG_PER_S[(case, provider)] = cfg.batch_size / median

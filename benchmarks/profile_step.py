@@ -44,28 +44,13 @@ NAME_WIDTH = 90
 def _train_step_cases(dry_run: bool, device: str) -> tuple[dict, dict]:
     """The whole train step, ours and the reference; and our step's forward and backward alone (see
     :func:`_forward_backward`)."""
-    from dino.config import resolve_config
-    from dino.train import Trainer
+    from benchmarks.step_ab import training_step
 
     overrides = ({"preset": "cpu-tiny", "batch_size": 8, "n_local_crops": 2} if dry_run else
                  {"preset": "vit-s16", "batch_size": 64, "n_local_crops": 10, "amp": "bf16"})
     steps, parts = {}, {}
     for provider, kernels in (("ours", "fused"), ("reference", "reference")):
-        torch.manual_seed(0)
-        values = {**overrides, "kernels": kernels, "device": device, "num_workers": 0, "progress": False,
-                  "epochs": 100, "output_dir": tempfile.mkdtemp(prefix="dk-profile-"), "cuda_graph": "off"}
-        trainer = Trainer(resolve_config(values), values)
-        cfg = trainer.cfg
-        crops = [torch.randn(cfg.n_global_crops * cfg.batch_size, 3, cfg.global_size, cfg.global_size,
-                             device=trainer.device),
-                 torch.randn(cfg.n_local_crops * cfg.batch_size, 3, cfg.local_size, cfg.local_size,
-                             device=trainer.device)]
-        epoch = cfg.freeze_last_layer
-
-        def step(trainer=trainer, crops=crops, epoch=epoch):
-            trainer.step = epoch * trainer.iters_per_epoch
-            return trainer.step_on_crops(crops, epoch)
-
+        trainer, crops, step = training_step(overrides, kernels, device, "off", tempfile.mkdtemp(prefix="dk-profile-"))
         steps[f"train step vit-s16 B=64 2+10 bf16 ({provider})"] = ("auto" if provider == "ours" else "reference", step)
         if provider == "ours":
             parts = _forward_backward(trainer, crops)

@@ -20,6 +20,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import date
 
 import torch
@@ -27,27 +28,37 @@ import torch
 import dino_kernels
 from benchmarks.learning import machine
 from dino.config import resolve_config
-from dino.train import Trainer
+from dino.train import StepResult, Trainer
 
 PROVIDERS = {"reference": "reference", "ours": "fused"}
 
 
-def _step(preset: str, kernels: str, device: str, overrides: dict):
-    """One training step of ``kernels`` on fixed random crops, at one iteration of the schedules."""
+def training_step(overrides: dict, kernels: str, device: str, cuda_graph: str,
+                  output_dir: str) -> tuple[Trainer, list[torch.Tensor], Callable[[], StepResult]]:
+    """A trainer seeded with 0, fixed random crops of its augmentation's output shapes ([globals, locals]) and
+    ``step()``, one :meth:`~dino.train.Trainer.step_on_crops` on them past the last-layer freeze (every parameter is
+    updated), at one iteration of the schedules (the step count only indexes them). Shared with
+    ``bench_train_step.py`` and ``profile_step.py``."""
     torch.manual_seed(0)
-    values = {"preset": preset, "kernels": kernels, "device": device, "num_workers": 0, "progress": False,
-              "epochs": 100, "output_dir": tempfile.mkdtemp(prefix="dk-step-ab-"), "cuda_graph": "off", **overrides}
+    values = {**overrides, "kernels": kernels, "device": device, "num_workers": 0, "progress": False,
+              "epochs": 100, "output_dir": output_dir, "cuda_graph": cuda_graph}
     trainer = Trainer(resolve_config(values), values)
     cfg = trainer.cfg
     crops = [torch.randn(n * cfg.batch_size, 3, size, size, device=trainer.device)
              for n, size in ((cfg.n_global_crops, cfg.global_size), (cfg.n_local_crops, cfg.local_size))]
-    epoch = cfg.freeze_last_layer  # past the last-layer freeze: every parameter is updated
+    epoch = cfg.freeze_last_layer
 
-    def step():
+    def step() -> StepResult:
         trainer.step = epoch * trainer.iters_per_epoch
         return trainer.step_on_crops(crops, epoch)
 
-    return step, cfg.batch_size
+    return trainer, crops, step
+
+
+def _step(preset: str, kernels: str, device: str, overrides: dict) -> tuple[Callable[[], object], int]:
+    trainer, _, step = training_step({"preset": preset, **overrides}, kernels, device, "off",
+                                     tempfile.mkdtemp(prefix="dk-step-ab-"))
+    return step, trainer.cfg.batch_size
 
 
 def _block_ms(step, kernels: str, steps: int) -> float:

@@ -403,8 +403,10 @@ class Trainer:
         dino_kernels.ema_(self.teacher_params, self.student_params, float(self.schedules.momentum[it]))
         self.step += 1
         loss_value, _, koleo_value, ibot_value = values
-        # Copies: a graph's outputs are overwritten by its next replay.
-        return StepResult(loss_value, losses.teacher_entropy.clone(), losses.kl.clone(), koleo_value, ibot_value)
+        entropy, kl = losses.teacher_entropy, losses.kl
+        if self.graphed is not None:  # a graph's outputs are overwritten by its next replay
+            entropy, kl = entropy.clone(), kl.clone()
+        return StepResult(loss_value, entropy, kl, koleo_value, ibot_value)
 
     def losses(self, crops: list[torch.Tensor], masks: BatchMasks | None, teacher_temp: float,
                centering: str) -> StepLosses:
