@@ -12,7 +12,9 @@ records the median, peak memory and the achieved GB/s (``bytes_moved``) or TFLOP
 - CUDA: ``triton.testing.do_bench`` (CUDA events around each call, L2 flushed between calls; median of the calls of
   about ``REP_MS``, at least ~10 calls). pytest-benchmark's table shows these per-call times too. (A host timer
   around a synchronize adds 10-20 µs per call, which compresses the ratios of sub-millisecond kernels.)
-- CPU: pytest-benchmark (``perf_counter``); ``--dk-rounds N`` fixes the rounds.
+- CPU: pytest-benchmark (``perf_counter``); ``--dk-rounds N`` fixes the rounds. A call of ``SLOW_CALL_MS`` or more (a
+  train step) gets ``SLOW_CALL_ROUNDS`` rounds rather than pytest-benchmark's one second (7 rounds of a 150-ms step,
+  too few for the median on a machine whose speed drifts).
 
 At the end of the session a table per case gives every provider's median, its speed-up over the ``reference``
 provider and over the *best baseline*: the fastest provider other than ``ours`` in the same case, named (what a
@@ -50,6 +52,7 @@ import torch._dynamo
 
 WARMUP_MS, REP_MS, MIN_CALLS = 25, 150, 10  # do_bench on CUDA: warm-up and timed durations, fewest timed calls
 DRY_RUN_ROUNDS = 2
+SLOW_CALL_MS, SLOW_CALL_ROUNDS = 20.0, 30  # CPU: calls at least this long get this many timed rounds
 RECOMPILE_LIMIT = 256
 
 _RECORDS: list[dict] = []
@@ -160,7 +163,8 @@ def measure(request):
         if device == "cuda":
             _time_cuda(benchmark, fn, call_ms)
         else:
-            rounds = request.config.getoption("--dk-rounds") or (DRY_RUN_ROUNDS if dry_run else None)
+            rounds = request.config.getoption("--dk-rounds") or (
+                DRY_RUN_ROUNDS if dry_run else SLOW_CALL_ROUNDS if call_ms >= SLOW_CALL_MS else None)
             if rounds:
                 benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=0)
             else:
